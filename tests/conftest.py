@@ -1,0 +1,37 @@
+"""Shared fixtures: the real datasets in ../shared/datasets (skipped with a reason when absent)."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "bottle_small"
+
+
+def _datasets_root() -> Path:
+    env = os.environ.get("DEFECTSCOPE_DATASETS")
+    return Path(env) if env else REPO.parent / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session")
+def datasets_root() -> Path:
+    root = _datasets_root()
+    if not root.is_dir():
+        pytest.skip(f"shared datasets not found at {root} (set DEFECTSCOPE_DATASETS to run this test)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def bottle_root(datasets_root: Path) -> Path:
+    return datasets_root / "mvtec_bottle" / "bottle"
+
+
+@pytest.fixture(scope="session")
+def mtd_root(datasets_root: Path) -> Path:
+    return datasets_root / "mtd" / "magnetic_tile"
+
+
+@pytest.fixture(scope="session")
+def example_root() -> Path:
+    return EXAMPLE
