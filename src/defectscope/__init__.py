@@ -1,0 +1,15 @@
+"""defectscope: industrial visual anomaly detection.
+
+Fit a detector on images of good parts, then score, localise and judge new images::
+
+    from defectscope import PatchCore, load
+    det = PatchCore().fit("path/to/bottle")
+    pred = det.predict(images)          # pred.scores (B,), pred.maps (B, H, W), pred.verdicts
+    det.save("runs/bottle"); det = load("runs/bottle")
+"""
+
+__version__ = "0.1.0"
+
+from .methods import METHODS, Detector, PatchCore, Prediction, load  # noqa: E402
+
+__all__ = ["METHODS", "Detector", "PatchCore", "Prediction", "__version__", "load"]

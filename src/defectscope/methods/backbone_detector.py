@@ -1,0 +1,51 @@
+"""Detectors built on a frozen pretrained backbone: one place for building it and checking its weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..backbones import create_backbone, resolve_weights
+from ..errors import ModelFileError
+from .base import Detector, _sha256
+
+
+class BackboneDetector(Detector):
+    """A detector whose features come from ``create_backbone(backbone, layers, weights)``.
+
+    The weights are not copied into the run folder (they are large and public); their sha256 is
+    recorded instead, and loading refuses a model whose backbone weights have changed.
+    """
+
+    def __init__(self, *, backbone: str, layers: tuple[str, ...] | list[str], weights: str | None,
+                 **common: Any) -> None:
+        super().__init__(**common)
+        self.backbone = backbone
+        self.layers = tuple(layers)
+        self.weights = weights
+        self._extractor: torch.nn.Module | None = None
+
+    @property
+    def extractor(self) -> torch.nn.Module:
+        """The frozen backbone, built on first use."""
+        if self._extractor is None:
+            self._extractor = create_backbone(self.backbone, layers=self.layers, weights=self.weights)
+        return self._extractor
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Backbone feature maps of the requested layers for images (B, 3, H, W) in [0, 1]."""
+        return self.extractor(images)
+
+    def _extra_config(self) -> dict[str, Any]:
+        return {"backbone_weights_sha256": _sha256(resolve_weights(self.backbone, self.weights))}
+
+    def _check_config(self, config: dict[str, Any], folder: Path) -> None:
+        expected = config.get("backbone_weights_sha256")
+        path = resolve_weights(self.backbone, self.weights)
+        if expected and _sha256(path) != expected:
+            raise ModelFileError(
+                f"{folder}: fitted with other {self.backbone} weights than {path} (sha256 differs); "
+                "use the weights file the model was fitted with")

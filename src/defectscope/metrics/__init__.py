@@ -1,0 +1,22 @@
+"""Evaluation metrics of the MVTec AD protocol: image and pixel AUROC / AP / F1-max, AUPRO.
+
+``curves`` holds the ranking metrics (scikit-learn definitions), ``pro`` the per-region overlap,
+``summary`` the metric sets an evaluation reports. Everything is numpy + scipy and exact.
+"""
+
+from defectscope.metrics.curves import auroc, average_precision, f1_max, pr_curve, roc_curve
+from defectscope.metrics.pro import aupro, pro_curve
+from defectscope.metrics.summary import compute_metrics, image_metrics, pixel_metrics
+
+__all__ = [
+    "aupro",
+    "auroc",
+    "average_precision",
+    "compute_metrics",
+    "f1_max",
+    "image_metrics",
+    "pixel_metrics",
+    "pr_curve",
+    "pro_curve",
+    "roc_curve",
+]

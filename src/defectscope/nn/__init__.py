@@ -1,0 +1,1 @@
+"""Building blocks shared by several methods: coreset sampling, nearest-neighbour search, patch embeddings."""

@@ -1,0 +1,1 @@
+"""Human-facing outputs: heat-map overlays and tables."""

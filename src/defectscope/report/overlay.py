@@ -1,0 +1,40 @@
+"""Heat-map overlays: the input image with its anomaly map in colour and the ground truth outlined."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy import ndimage
+
+# Colour ramp from dark blue through cyan, yellow to red (a perceptually ordered "jet"-like ramp).
+_RAMP = np.array([[0, 0, 128], [0, 64, 255], [0, 200, 255], [80, 255, 160], [255, 230, 0], [255, 90, 0], [180, 0, 0]],
+                 dtype=np.float32)
+
+
+def colorize(values: np.ndarray) -> np.ndarray:
+    """(H, W) values in [0, 1] -> (H, W, 3) uint8 colours."""
+    pos = np.clip(values, 0.0, 1.0) * (len(_RAMP) - 1)
+    low = np.floor(pos).astype(int).clip(0, len(_RAMP) - 2)
+    frac = (pos - low)[..., None]
+    return (_RAMP[low] * (1 - frac) + _RAMP[low + 1] * frac).astype(np.uint8)
+
+
+def overlay(image: torch.Tensor, amap: torch.Tensor, vmax: float, mask: torch.Tensor | None = None,
+            alpha: float = 0.45) -> Image.Image:
+    """Blend the colourised map (scaled to [0, vmax]) over the image; outline the mask in green."""
+    rgb = (image.permute(1, 2, 0).clamp(0, 1).numpy() * 255.0).astype(np.float32)
+    heat = colorize(amap.numpy() / max(vmax, 1e-12)).astype(np.float32)
+    out = (rgb * (1 - alpha) + heat * alpha).astype(np.uint8)
+    if mask is not None and bool(mask.any()):
+        m = mask.numpy().astype(bool)
+        edge = m & ~ndimage.binary_erosion(m, iterations=2)
+        out[edge] = (0, 255, 0)
+    return Image.fromarray(out)
+
+
+def overlay_name(path: str, defect_type: str) -> str:
+    """File name of an image's overlay: unique across defect-type folders."""
+    return f"{defect_type}_{Path(path).stem}.png"
