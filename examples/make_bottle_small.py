@@ -2,8 +2,7 @@
 
 Usage: python examples/make_bottle_small.py [SOURCE_CATEGORY_DIR] [DEST_DIR]
 Images are picked evenly spaced by sorted name (deterministic), resized to 256x256 with Lanczos
-and saved as PNG;
-masks are resized nearest-neighbour and stored as 0/255 PNG ``<stem>_mask.png``.
+and saved as PNG; masks are resized nearest-neighbour and stored as 0/255 PNG ``<stem>_mask.png``.
 """
 
 import argparse

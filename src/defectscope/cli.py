@@ -15,7 +15,7 @@ import torch
 
 from . import __version__
 from .data import IMAGE_EXTENSIONS, ImageDataset, Sample, folder_samples, iterate_batches
-from .data.sources import resolve_category, test_samples, training_samples
+from .data.sources import resolve_category, labelled_samples, training_samples
 from .errors import DataError, DefectscopeError
 from .methods import METHODS, Detector, load
 from .report.overlay import overlay, overlay_name
@@ -79,7 +79,7 @@ def _test_samples(args: argparse.Namespace, detector: Detector) -> tuple[list[Sa
     data = args.data or detector.fit_info.get("data")
     if not data:
         raise DefectscopeError("no test data: pass DATA (the model does not record where it was fitted)")
-    return test_samples(data, args.category, args.image_level_only), str(data)
+    return labelled_samples(data, args.category, args.image_level_only), str(data)
 
 
 def cmd_test(args: argparse.Namespace) -> int:

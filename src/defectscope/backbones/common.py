@@ -1,4 +1,4 @@
-"""Pieces shared by the network families: the stage description and random initialisation."""
+"""Pieces shared by the network families: the stage interface and random initialisation."""
 
 from __future__ import annotations
 
@@ -18,6 +18,14 @@ class Stage(NamedTuple):
     stride: int
     channels: int
     module: nn.Module
+
+
+class Backbone(nn.Module):
+    """An ImageNet classifier whose feature path can be cut into stride stages."""
+
+    def stages(self) -> list[Stage]:
+        """The stages "s2" ... "s32", in order, sharing this network's modules."""
+        raise NotImplementedError
 
 
 def init_weights(model: nn.Module) -> None:

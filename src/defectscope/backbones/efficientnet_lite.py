@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defectscope.backbones.common import Stage
+from defectscope.backbones.common import Backbone, Stage
 
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01  # TensorFlow's decay 0.99
@@ -102,7 +102,7 @@ class Stem(nn.Module):
         return F.relu6(self.bn(self.conv(x)))
 
 
-class EfficientNetLite0(nn.Module):
+class EfficientNetLite0(Backbone):
     """The ImageNet classifier; input normalised with mean = std = 0.5."""
 
     def __init__(self, num_classes: int = 1000) -> None:

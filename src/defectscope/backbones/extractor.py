@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from defectscope.backbones.common import Stage, init_weights
+from defectscope.backbones.common import Backbone, Stage, init_weights
 from defectscope.backbones.efficientnet_lite import EfficientNetLite0
 from defectscope.backbones.mobilenet_v2 import MobileNetV2
 from defectscope.backbones.resnet import resnet18, wide_resnet50_2
@@ -23,7 +23,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class BackboneSpec:
     """How to build a network and which input normalisation its weights were trained with."""
 
-    build: Callable[[], nn.Module]
+    build: Callable[[], Backbone]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
@@ -91,7 +91,7 @@ def _check_name(name: str) -> BackboneSpec:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}") from None
 
 
-def _build(name: str, weights: str | os.PathLike[str] | None, pretrained: bool) -> nn.Module:
+def _build(name: str, weights: str | os.PathLike[str] | None, pretrained: bool) -> Backbone:
     """The full classifier: He-initialised, or with the resolved weights when ``pretrained``.
 
     A pretrained network is built on the meta device and takes the loaded tensors as they are,

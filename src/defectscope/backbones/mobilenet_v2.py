@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from defectscope.backbones.common import Stage
+from defectscope.backbones.common import Backbone, Stage
 
 # (expansion t, output channels c, repeats n, stride of the first repeat s), from the paper.
 _SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
@@ -58,7 +58,7 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.residual else self.conv(x)
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(Backbone):
     """The ImageNet classifier; input normalised with the ImageNet mean/std."""
 
     def __init__(self, num_classes: int = 1000) -> None:

@@ -17,7 +17,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from defectscope.backbones.common import Stage
+from defectscope.backbones.common import Backbone, Stage
 
 
 def _downsample(cin: int, cout: int, stride: int) -> nn.Module | None:
@@ -71,7 +71,7 @@ class Bottleneck(nn.Module):
         return self.relu(y + shortcut)
 
 
-class ResNet(nn.Module):
+class ResNet(Backbone):
     """The ImageNet classifier; input normalised with the ImageNet mean/std."""
 
     def __init__(

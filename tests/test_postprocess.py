@@ -1,0 +1,37 @@
+"""Shared post-processing: smoothing matches scipy, upsampling keeps size, calibration rule."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from defectscope.postprocess import anomaly_maps, calibrate, gaussian_blur
+
+
+def test_gaussian_blur_matches_scipy() -> None:
+    rng = np.random.default_rng(0)
+    maps = rng.random((2, 64, 48)).astype(np.float32)
+    ours = gaussian_blur(torch.from_numpy(maps), 4.0).numpy()
+    # scipy's "reflect" repeats the edge pixel, torch's "reflect" does not: that is scipy's "mirror"
+    ref = np.stack([ndimage.gaussian_filter(m, 4.0, mode="mirror", truncate=4.0) for m in maps])
+    assert np.abs(ours - ref).max() < 1e-5
+
+
+def test_anomaly_maps_upsample_and_keep_peak_location() -> None:
+    patch = torch.zeros(1, 8, 8)
+    patch[0, 2, 5] = 1.0
+    maps = anomaly_maps(patch, (64, 64), 2.0)
+    assert maps.shape == (1, 64, 64)
+    y, x = np.unravel_index(int(maps[0].argmax()), (64, 64))
+    assert abs(y - (2 * 8 + 4)) <= 2 and abs(x - (5 * 8 + 4)) <= 2
+
+
+def test_calibration_threshold_rule() -> None:
+    scores = np.array([1.0, 2.0, 3.0, 2.0])
+    cal = calibrate(scores, sigmas=3.0)
+    assert cal.threshold == pytest.approx(2.0 + 3.0 * np.std(scores, ddof=1))
+    assert cal.threshold >= scores.max()
+    single = calibrate(np.array([5.0]))
+    assert single.threshold == 5.0
+    with pytest.raises(ValueError):
+        calibrate(np.array([]))
