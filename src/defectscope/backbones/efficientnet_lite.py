@@ -38,7 +38,15 @@ BN_EPS = 1e-3
 BN_MOMENTUM = 0.01  # TensorFlow's decay 0.99
 
 # (kernel, first stride, expansion, output channels, repeats) of each group of blocks.
-_GROUPS = ((3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3), (5, 1, 6, 112, 3), (5, 2, 6, 192, 4), (3, 1, 6, 320, 1))
+_GROUPS = (
+    (3, 1, 1, 16, 1),
+    (3, 2, 6, 24, 2),
+    (5, 2, 6, 40, 2),
+    (3, 2, 6, 80, 3),
+    (5, 1, 6, 112, 3),
+    (5, 2, 6, 192, 4),
+    (3, 1, 6, 320, 1),
+)
 # (layer name, stride, index of its last block in ``_blocks``, channels)
 _STAGE_ENDS = (("s2", 2, 0, 16), ("s4", 4, 2, 24), ("s8", 8, 4, 40), ("s16", 16, 10, 112), ("s32", 32, 15, 320))
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from defectscope.backbones.common import Backbone, Stage, init_weights
 from defectscope.backbones.efficientnet_lite import EfficientNetLite0
+from defectscope.backbones.fold import fold_batch_norms
 from defectscope.backbones.mobilenet_v2 import MobileNetV2
 from defectscope.backbones.resnet import resnet18, wide_resnet50_2
 from defectscope.backbones.weights import load_weights, resolve_weights
@@ -76,7 +77,7 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """``x``: (B, 3, H, W) RGB in [0, 1]; returns one map per requested layer, in order."""
-        x = self.normalize(x)
+        x = self.normalize(x).contiguous(memory_format=torch.channels_last)
         found: dict[str, torch.Tensor] = {}
         for stage_name, stage in zip(self._stage_names, self.stages):
             x = stage(x)
@@ -121,12 +122,15 @@ def create_backbone(
     layers: Sequence[str] = DEFAULT_LAYERS,
     weights: str | os.PathLike[str] | None = None,
     pretrained: bool = True,
+    fold_bn: bool = True,
 ) -> FeatureExtractor:
     """Build a frozen feature extractor (eval mode, no gradients for its parameters).
 
     ``layers`` are stride names from :data:`LAYERS`; ``weights`` is an explicit state-dict file
     (it implies pretrained), otherwise :func:`resolve_weights` finds the official one;
-    ``pretrained=False`` keeps the random initialisation.
+    ``pretrained=False`` keeps the random initialisation. ``fold_bn`` folds batch norms into
+    convolutions and uses the channels-last layout (same outputs, faster on CPU); turn it off to
+    fine-tune the extractor or to load its state dict elsewhere.
     """
     spec = _check_name(name)
     layers = tuple(layers)
@@ -134,8 +138,11 @@ def create_backbone(
     if not layers or unknown:
         raise ValueError(f"layers must be a non-empty selection of {', '.join(LAYERS)}; got {list(layers)}")
     model = _build(name, weights, pretrained)
-    extractor = FeatureExtractor(name, model.stages(), layers, Normalize(spec.mean, spec.std))
-    return _freeze(extractor)
+    extractor = _freeze(FeatureExtractor(name, model.stages(), layers, Normalize(spec.mean, spec.std)))
+    if fold_bn:
+        fold_batch_norms(extractor, torch.rand(1, 3, 64, 64))
+        extractor.to(memory_format=torch.channels_last)
+    return extractor
 
 
 def create_classifier(

@@ -23,7 +23,15 @@ from torch import nn
 from defectscope.backbones.common import Backbone, Stage
 
 # (expansion t, output channels c, repeats n, stride of the first repeat s), from the paper.
-_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+_SETTINGS = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
 # (layer name, stride, index of its last block in ``features``, channels)
 _STAGE_ENDS = (("s2", 2, 1, 16), ("s4", 4, 3, 24), ("s8", 8, 6, 32), ("s16", 16, 13, 96), ("s32", 32, 17, 320))
 
