@@ -62,3 +62,15 @@ def test_knn_exact_against_bruteforce() -> None:
     ref_dist, ref_idx = brute.topk(3, largest=False)
     assert torch.equal(idx, ref_idx)
     assert torch.allclose(dist, ref_dist, atol=1e-4)
+
+
+def test_inverted_file_search_is_close_to_exact() -> None:
+    gen = torch.Generator().manual_seed(4)
+    centers = torch.randn(200, 32, generator=gen) * 3
+    bank = centers[torch.randint(200, (20000,), generator=gen)] + torch.randn(20000, 32, generator=gen)
+    queries = centers[torch.randint(200, (2000,), generator=gen)] + torch.randn(2000, 32, generator=gen)
+    exact_d, exact_i = NearestNeighbors(bank, exact=True).search(queries)
+    approx_d, approx_i = NearestNeighbors(bank).search(queries)
+    assert (approx_i == exact_i).float().mean() >= 0.9
+    assert (approx_d >= exact_d - 1e-4).all()  # never closer than the true nearest neighbour
+    assert (approx_d - exact_d).mean() < 0.02 * exact_d.mean()

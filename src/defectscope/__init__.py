@@ -10,6 +10,6 @@ Fit a detector on images of good parts, then score, localise and judge new image
 
 __version__ = "0.1.0"
 
-from .methods import METHODS, Detector, PatchCore, Prediction, load  # noqa: E402
+from .methods import METHODS, SPADE, Detector, PaDiM, PatchCore, Prediction, load  # noqa: E402
 
-__all__ = ["METHODS", "Detector", "PatchCore", "Prediction", "__version__", "load"]
+__all__ = ["METHODS", "SPADE", "Detector", "PaDiM", "PatchCore", "Prediction", "__version__", "load"]

@@ -12,13 +12,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from PIL import Image
 
 from . import __version__
 from .data import IMAGE_EXTENSIONS, ImageDataset, Sample, folder_samples, iterate_batches
 from .data.sources import resolve_category, labelled_samples, training_samples
 from .errors import DataError, DefectscopeError
 from .methods import METHODS, Detector, load
-from .report.overlay import overlay, overlay_name
+from .report.html import write_report
+from .report.overlay import input_name, overlay, overlay_name, to_rgb
 
 EXAMPLE_DATA = Path(__file__).resolve().parents[2] / "examples" / "bottle_small"
 DEFAULT_METHOD = "patchcore"
@@ -87,7 +89,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     samples, source = _test_samples(args, detector)
     out = Path(args.out) if args.out else Path(args.run) / "test"
     overlays = out / "overlays"
-    overlays.mkdir(parents=True, exist_ok=True)
+    (overlays / "inputs").mkdir(parents=True, exist_ok=True)
     print(f"testing {args.run} on {len(samples)} images from {source}", file=sys.stderr)
     from .evaluate import evaluate
 
@@ -99,7 +101,9 @@ def cmd_test(args: argparse.Namespace) -> int:
         for i, path in enumerate(batch["path"]):
             scale = vmax if vmax is not None else float(pred.maps[i].max())
             mask = batch["mask"][i] if batch["has_mask"][i] else None
-            overlay(batch["image"][i], pred.maps[i], scale, mask).save(overlays / overlay_name(path, batch["defect_type"][i]))
+            defect = batch["defect_type"][i]
+            overlay(batch["image"][i], pred.maps[i], scale, mask).save(overlays / overlay_name(path, defect))
+            Image.fromarray(to_rgb(batch["image"][i])).save(overlays / "inputs" / input_name(path, defect), quality=90)
 
     result = evaluate(detector, samples, args.batch_size, on_batch=write_overlays)
     for note in result.notes:
@@ -110,8 +114,9 @@ def cmd_test(args: argparse.Namespace) -> int:
                "metrics": result.metrics, "notes": result.notes}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     _write_csv(out / "predictions.csv", result.records)
+    report = write_report(out, summary, result.records, result.curves, with_images=not args.no_overlays)
     print(_metrics_table(result.metrics))
-    print(f"{result.images_per_second:.1f} images/s; wrote {out / 'metrics.json'}, {out / 'predictions.csv'}"
+    print(f"{result.images_per_second:.1f} images/s; wrote {report}, {out / 'metrics.json'}, {out / 'predictions.csv'}"
           + ("" if args.no_overlays else f", {overlays}/"))
     return 0
 
@@ -235,8 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.set_defaults(func=cmd_fit)
 
     test = sub.add_parser("test", help="evaluate a run on labelled test images: metrics, CSV, heat maps",
-                          description="Score the test split, print image and pixel metrics, and write metrics.json, "
-                                      "predictions.csv and heat-map overlays (ground truth outlined in green).")
+                          description="Score the test split, print image and pixel metrics, and write report.html (metrics, "
+                                      "curves, score histogram, every image), metrics.json, predictions.csv and "
+                                      "heat-map overlays (ground truth outlined in green).")
     test.add_argument("run", metavar="RUN", help="run folder written by `defectscope fit`")
     test.add_argument("data", nargs="?", metavar="DATA", help="MVTec-layout category folder (uses test/ and "
                       "ground_truth/); default: the folder the run was fitted on")
@@ -247,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--image-level-only", action="store_true", help="allow defect images without masks; pixel metrics are then skipped")
     test.add_argument("--out", metavar="DIR", help="where to write results (default: RUN/test)")
     test.add_argument("--batch-size", type=int, help="images per batch (default: the run's)")
-    test.add_argument("--no-overlays", action="store_true", help="do not write heat-map overlay images")
+    test.add_argument("--no-overlays", action="store_true", help="do not write heat-map overlay images (the report then shows none)")
     test.set_defaults(func=cmd_test)
 
     predict = sub.add_parser("predict", help="score new images: score, verdict and optional heat map per image",

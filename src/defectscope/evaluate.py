@@ -10,19 +10,24 @@ import numpy as np
 
 from .data import ImageDataset, Sample, iterate_batches
 from .methods.base import Detector, Prediction
-from .metrics import compute_metrics
+from .metrics import compute_metrics_and_curves
 
 BatchCallback = Callable[[dict[str, Any], Prediction], None]
 
 
 @dataclass
 class Evaluation:
-    """Everything a test run produced."""
+    """Everything a test run produced.
+
+    ``curves`` holds thinned (x, y) curves for plots: image ``roc`` and ``pr`` and, with pixel
+    metrics, ``pro`` up to FPR 0.3 (see :func:`~defectscope.metrics.compute_metrics_and_curves`).
+    """
 
     metrics: dict[str, float]
     records: list[dict[str, Any]]
     images_per_second: float
     notes: list[str] = field(default_factory=list)
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 def evaluate(detector: Detector, samples: list[Sample], batch_size: int | None = None,
@@ -57,11 +62,11 @@ def evaluate(detector: Detector, samples: list[Sample], batch_size: int | None =
     y, s = np.concatenate(labels), np.concatenate(scores)
     notes: list[str] = []
     if np.concatenate(has_mask).all():
-        metrics = compute_metrics(y, s, np.concatenate(masks), np.concatenate(maps))
+        metrics, curves = compute_metrics_and_curves(y, s, np.concatenate(masks), np.concatenate(maps))
     else:
-        metrics = compute_metrics(y, s)
+        metrics, curves = compute_metrics_and_curves(y, s)
         notes.append("pixel metrics skipped: some defect images have no ground-truth mask (image-level only)")
     if detector.calibration is not None:
         judged = np.array([r["anomalous"] for r in records], dtype=bool)
         metrics["accuracy_at_threshold"] = float((judged == (y == 1)).mean())
-    return Evaluation(metrics, records, len(samples) / elapsed if elapsed > 0 else float("nan"), notes)
+    return Evaluation(metrics, records, len(samples) / elapsed if elapsed > 0 else float("nan"), notes, curves)

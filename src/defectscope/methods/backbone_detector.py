@@ -31,8 +31,13 @@ class BackboneDetector(Detector):
     def extractor(self) -> torch.nn.Module:
         """The frozen backbone, built on first use."""
         if self._extractor is None:
-            self._extractor = create_backbone(self.backbone, layers=self.layers, weights=self.weights)
+            self._extractor = create_backbone(self.backbone, layers=self.extracted_layers, weights=self.weights)
         return self._extractor
+
+    @property
+    def extracted_layers(self) -> tuple[str, ...]:
+        """Layers :meth:`features` returns: ``layers`` unless a method needs more."""
+        return self.layers
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:

@@ -1,9 +1,12 @@
 """PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022).
 
 Locally aware patch features from two mid-level backbone layers form a memory bank of good
-patches, subsampled by a greedy k-center coreset. A test patch scores its distance to the nearest
-bank patch; the image score is the largest patch score, re-weighted by how isolated that bank
-patch is among its own neighbours (the paper's Eq. 7).
+patches, subsampled by a greedy k-center coreset (computed on a ``projection_dim`` random
+projection, as the paper's approximate greedy coreset). A test patch scores its distance to the
+nearest bank patch (faiss; an inverted-file index for large banks unless ``exact_search``); the
+image score is the largest patch score, re-weighted by how isolated that bank patch is among its
+own neighbours (the paper's Eq. 7). ``embed_dim`` optionally pools every layer to an equal share
+of a fixed dimension; by default the layers' channels are concatenated as they are.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ class PatchCore(BackboneDetector):
         embed_dim: int | None = None,
         neighbourhood: int = 3,
         coreset_ratio: float = 0.1,
-        projection_dim: int = 128,
+        projection_dim: int = 64,
+        exact_search: bool = False,
         num_neighbors: int = 9,
         blur_sigma: float = 4.0,
         batch_size: int = 16,
@@ -51,6 +55,7 @@ class PatchCore(BackboneDetector):
         self.neighbourhood = neighbourhood
         self.coreset_ratio = coreset_ratio
         self.projection_dim = projection_dim
+        self.exact_search = exact_search
         self.num_neighbors = num_neighbors
         self.blur_sigma = blur_sigma
         self._index: NearestNeighbors | None = None
@@ -71,7 +76,7 @@ class PatchCore(BackboneDetector):
             keep = greedy_coreset(bank, n_select, projection_dim=self.projection_dim, seed=self.seed,
                                   desc="coreset" if progress_enabled() else None)
             bank = bank[keep]
-        self._index = NearestNeighbors(bank.contiguous())
+        self._index = NearestNeighbors(bank.contiguous(), exact=self.exact_search)
 
     def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         emb = self.embed(images)
@@ -120,4 +125,4 @@ class PatchCore(BackboneDetector):
         bank = tensors["memory_bank"]
         if bank.ndim != 2:
             raise ValueError(f"memory_bank must be 2-D, got shape {tuple(bank.shape)}")
-        self._index = NearestNeighbors(bank)
+        self._index = NearestNeighbors(bank, exact=self.exact_search)

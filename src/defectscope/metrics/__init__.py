@@ -4,19 +4,33 @@
 ``summary`` the metric sets an evaluation reports. Everything is numpy + scipy and exact.
 """
 
-from defectscope.metrics.curves import auroc, average_precision, f1_max, pr_curve, roc_curve
+from defectscope.metrics.curves import (
+    auroc,
+    average_precision,
+    f1_max,
+    pr_curve,
+    roc_curve,
+    thin_curve,
+)
 from defectscope.metrics.pro import aupro, pro_curve
-from defectscope.metrics.summary import compute_metrics, image_metrics, pixel_metrics
+from defectscope.metrics.summary import (
+    compute_metrics,
+    compute_metrics_and_curves,
+    image_metrics,
+    pixel_metrics,
+)
 
 __all__ = [
     "aupro",
     "auroc",
     "average_precision",
     "compute_metrics",
+    "compute_metrics_and_curves",
     "f1_max",
     "image_metrics",
     "pixel_metrics",
     "pr_curve",
     "pro_curve",
     "roc_curve",
+    "thin_curve",
 ]

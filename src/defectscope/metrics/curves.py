@@ -85,3 +85,21 @@ def pr_curve(labels: object, scores: object) -> tuple[np.ndarray, np.ndarray, np
         np.concatenate((recall[::-1], [0.0])),
         r.thresholds[::-1].astype(np.float64),
     )
+
+
+def thin_curve(x: np.ndarray, y: np.ndarray, n_points: int = 300) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``n_points`` vertices of the polyline ``(x, y)``, evenly spaced along its length.
+
+    Lengths are measured with both axes scaled to their range, so steep and flat stretches are
+    sampled alike; the first and last vertices are always kept. Meant for plots: a pixel-level
+    curve with millions of vertices keeps its visible shape with a few hundred.
+    """
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.size <= n_points:
+        return x, y
+    dx = np.diff(x) / max(float(np.ptp(x)), 1e-12)
+    dy = np.diff(y) / max(float(np.ptp(y)), 1e-12)
+    length = np.concatenate(([0.0], np.cumsum(np.hypot(dx, dy))))
+    keep = np.searchsorted(length, np.linspace(0.0, length[-1], n_points - 1))
+    keep = np.unique(np.append(keep.clip(max=x.size - 1), x.size - 1))
+    return x[keep], y[keep]

@@ -7,10 +7,10 @@ import torch.nn.functional as F
 
 
 def local_average(feature: torch.Tensor, size: int) -> torch.Tensor:
-    """Average each position with its ``size`` x ``size`` neighbourhood (edges use only real pixels)."""
+    """Average each position with its ``size`` x ``size`` neighbourhood (zero padding at the edges)."""
     if size <= 1:
         return feature
-    return F.avg_pool2d(feature, size, stride=1, padding=size // 2, count_include_pad=False)
+    return F.avg_pool2d(feature, size, stride=1, padding=size // 2)
 
 
 def pool_channels(feature: torch.Tensor, dim: int) -> torch.Tensor:

@@ -22,10 +22,15 @@ def colorize(values: np.ndarray) -> np.ndarray:
     return (_RAMP[low] * (1 - frac) + _RAMP[low + 1] * frac).astype(np.uint8)
 
 
+def to_rgb(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) image in [0, 1] -> (H, W, 3) uint8."""
+    return (image.permute(1, 2, 0).clamp(0, 1).numpy() * 255.0).astype(np.uint8)
+
+
 def overlay(image: torch.Tensor, amap: torch.Tensor, vmax: float, mask: torch.Tensor | None = None,
             alpha: float = 0.45) -> Image.Image:
     """Blend the colourised map (scaled to [0, vmax]) over the image; outline the mask in green."""
-    rgb = (image.permute(1, 2, 0).clamp(0, 1).numpy() * 255.0).astype(np.float32)
+    rgb = to_rgb(image).astype(np.float32)
     heat = colorize(amap.numpy() / max(vmax, 1e-12)).astype(np.float32)
     out = (rgb * (1 - alpha) + heat * alpha).astype(np.uint8)
     if mask is not None and bool(mask.any()):
@@ -38,3 +43,8 @@ def overlay(image: torch.Tensor, amap: torch.Tensor, vmax: float, mask: torch.Te
 def overlay_name(path: str, defect_type: str) -> str:
     """File name of an image's overlay: unique across defect-type folders."""
     return f"{defect_type}_{Path(path).stem}.png"
+
+
+def input_name(path: str, defect_type: str) -> str:
+    """File name of an image's resized input, next to its overlay's name (JPEG: it is only for viewing)."""
+    return f"{defect_type}_{Path(path).stem}.jpg"

@@ -1,0 +1,100 @@
+"""Fit + test benchmark of the detection methods on the shared datasets; writes rows for BENCHMARKS.md.
+
+Each configuration (method x dataset x backbone) runs in its own process so its peak resident
+memory is measured alone.
+
+    python bench/bench_methods.py                        # all methods x datasets x backbones
+    python bench/bench_methods.py --methods padim --datasets mvtec_bottle --backbones efficientnet_lite0
+    python bench/bench_methods.py --methods spade --set num_image_neighbors=20
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = Path(__file__).resolve()
+DATASETS = {"mvtec_bottle": "mvtec_bottle/bottle", "mtd": "mtd/magnetic_tile"}
+BACKBONES = ["mobilenet_v2", "efficientnet_lite0"]
+METHOD_NAMES = ["patchcore", "padim", "spade"]
+
+
+def method_params(method: str, params: dict) -> dict:
+    """The ``--set`` parameters that ``method``'s constructor takes."""
+    from defectscope.methods import METHODS
+
+    accepted = inspect.signature(METHODS[method].__init__).parameters
+    return {k: v for k, v in params.items() if k in accepted}
+
+
+def run_one(method: str, data_dir: Path, backbone: str, image_size: int, params: dict) -> dict:
+    """Fit and test one configuration in this process; return its figures."""
+    from defectscope.data import mvtec_samples
+    from defectscope.evaluate import evaluate
+    from defectscope.methods import METHODS
+
+    start = time.perf_counter()
+    det = METHODS[method](backbone=backbone, image_size=image_size, **method_params(method, params)).fit(data_dir)
+    fit_s = time.perf_counter() - start
+    result = evaluate(det, mvtec_samples(data_dir, "test"))
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with tempfile.TemporaryDirectory() as folder:
+        model_bytes = sum(f.stat().st_size for f in det.save(folder).iterdir())
+    return {"fit_s": fit_s, "img_per_s": result.images_per_second, "peak_rss_gb": peak_kb / 1024**2,
+            "model_mb": model_bytes / 1024**2, **result.metrics}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets-root", default=os.environ.get("DEFECTSCOPE_DATASETS", str(REPO.parent / "shared" / "datasets")))
+    parser.add_argument("--methods", nargs="+", default=METHOD_NAMES, choices=METHOD_NAMES)
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--backbones", nargs="+", default=BACKBONES)
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                        help="extra method parameter, given to every method that has it")
+    parser.add_argument("--one", nargs=3, metavar=("METHOD", "DATA_DIR", "BACKBONE"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    params = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
+    if args.one:
+        print(json.dumps(run_one(args.one[0], Path(args.one[1]), args.one[2], args.image_size, params)))
+        return
+    unused = set(params) - {k for m in args.methods for k in method_params(m, params)}
+    if unused:
+        parser.error(f"--set {', '.join(sorted(unused))}: no benchmarked method has such a parameter")
+    from defectscope.methods import METHODS
+
+    for method in args.methods:
+        for name in args.datasets:
+            for backbone in args.backbones:
+                cmd = [sys.executable, str(SCRIPT), "--one", method, str(Path(args.datasets_root) / DATASETS[name]),
+                       backbone, "--image-size", str(args.image_size)] + sum((["--set", s] for s in args.set), [])
+                env = dict(os.environ, DEFECTSCOPE_NO_PROGRESS="1")
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                label = f"{METHODS[method].__name__}, {backbone}"
+                if proc.returncode != 0:
+                    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                    print(f"| {name} | {label} | failed: {tail} |", flush=True)
+                    continue
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                print(f"| {name} | {label} | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | "
+                      f"{r['fit_s']:.1f} | {r['img_per_s']:.1f} | {r['peak_rss_gb']:.2f} GB |",
+                      f"(model {r['model_mb']:.1f} MB)", flush=True)
+    print(f"\ncommand: python bench/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}\nmachine: {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, Python {platform.python_version()}\ndate: {date.today()}")
+
+
+if __name__ == "__main__":
+    main()

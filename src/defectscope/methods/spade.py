@@ -1,0 +1,119 @@
+"""SPADE (Cohen & Hoshen, "Sub-Image Anomaly Detection with Deep Pyramid Correspondences", 2020).
+
+A test image first finds its K nearest good training images by their globally pooled deepest
+features; its score is the mean distance to them. Each test position is then compared with every
+position of those K images only (multi-layer features, kappa nearest patches), which aligns the
+test image with similar good images without a global memory bank.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..data import ImageDataset, iterate_batches
+from ..errors import DefectscopeError
+from ..nn.embedding import patch_embedding
+from ..nn.knn import NearestNeighbors
+from ..postprocess import anomaly_maps
+from .backbone_detector import BackboneDetector
+
+
+class SPADE(BackboneDetector):
+    """Image-level kNN retrieval followed by pixel-level kNN against the retrieved images."""
+
+    name = "spade"
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet_lite0",
+        layers: tuple[str, ...] = ("s8", "s16"),
+        image_layer: str = "s32",
+        weights: str | None = None,
+        image_size: int = 256,
+        num_image_neighbors: int = 50,
+        num_patch_neighbors: int = 1,
+        neighbourhood: int = 1,
+        blur_sigma: float = 4.0,
+        batch_size: int = 16,
+        calibration_fraction: float = 0.1,
+        threshold_sigmas: float = 3.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(backbone=backbone, layers=layers, weights=weights, image_size=image_size,
+                         batch_size=batch_size, calibration_fraction=calibration_fraction,
+                         threshold_sigmas=threshold_sigmas, seed=seed)
+        if num_image_neighbors < 1 or num_patch_neighbors < 1:
+            raise DefectscopeError("num_image_neighbors and num_patch_neighbors must be at least 1, "
+                                   f"got {num_image_neighbors} and {num_patch_neighbors}")
+        self.image_layer = image_layer
+        self.num_image_neighbors = num_image_neighbors
+        self.num_patch_neighbors = num_patch_neighbors
+        self.neighbourhood = neighbourhood
+        self.blur_sigma = blur_sigma
+        self._image_index: NearestNeighbors | None = None  # pooled features of the N fitting images
+        self._patches: torch.Tensor | None = None  # (N, P, D) float16 patch features of the same images
+
+    @property
+    def extracted_layers(self) -> tuple[str, ...]:
+        return (*self.layers, self.image_layer)
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled image features (B, C) and patch features (B, D, h, w) of images (B, 3, H, W)."""
+        *pixel_layers, deepest = self.features(images)
+        return deepest.mean((2, 3)), patch_embedding(pixel_layers, self.neighbourhood)
+
+    def _fit(self, dataset: ImageDataset) -> None:
+        pooled, patches, start = [], None, 0
+        for batch in iterate_batches(dataset, self.batch_size, desc="extracting features"):
+            glob, emb = self.embed(batch["image"])
+            emb = emb.flatten(2).transpose(1, 2)  # (B, P, D)
+            if patches is None:
+                patches = torch.empty((len(dataset), *emb.shape[1:]), dtype=torch.float16)
+            patches[start : start + emb.shape[0]] = emb
+            start += emb.shape[0]
+            pooled.append(glob)
+        self._set_bank(torch.cat(pooled), patches)
+
+    def _set_bank(self, pooled: torch.Tensor, patches: torch.Tensor) -> None:
+        self._image_index = NearestNeighbors(pooled)
+        self._patches = patches.to(torch.float16)
+
+    def nearest_images(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distances and indices (B, K) of the K nearest fitting images of pooled features (B, C)."""
+        k = min(self.num_image_neighbors, len(self.image_index))
+        return self.image_index.search(pooled, k)
+
+    def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled, emb = self.embed(images)
+        b, d, h, w = emb.shape
+        dist, nearest = self.nearest_images(pooled)
+        queries = emb.flatten(2).transpose(1, 2)  # (B, P, D)
+        patch_scores = torch.empty(b, h * w)
+        for i in range(b):
+            gallery = NearestNeighbors(self.patches[nearest[i]].reshape(-1, d))
+            k = min(self.num_patch_neighbors, len(gallery))
+            patch_scores[i] = gallery.search(queries[i], k)[0].mean(1)
+        return dist.mean(1), anomaly_maps(patch_scores.reshape(b, h, w), images.shape[-2:], self.blur_sigma)
+
+    @property
+    def image_index(self) -> NearestNeighbors:
+        if self._image_index is None:
+            raise RuntimeError("SPADE has no fitted images; fit or load it first")
+        return self._image_index
+
+    @property
+    def patches(self) -> torch.Tensor:
+        """(N, P, D) float16 patch features of the fitting images."""
+        if self._patches is None:
+            raise RuntimeError("SPADE has no fitted images; fit or load it first")
+        return self._patches
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        return {"image_features": self.image_index.bank, "patch_features": self.patches}
+
+    def _load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        pooled, patches = tensors["image_features"], tensors["patch_features"]
+        if pooled.ndim != 2 or patches.ndim != 3 or pooled.shape[0] != patches.shape[0]:
+            raise ValueError(f"image_features {tuple(pooled.shape)} and patch_features {tuple(patches.shape)} "
+                             "must be (N, C) and (N, P, D)")
+        self._set_bank(pooled, patches)
