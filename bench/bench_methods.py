@@ -58,7 +58,8 @@ def run_one(method: str, data_dir: Path, backbone: str, image_size: int, params:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets-root", default=os.environ.get("DEFECTSCOPE_DATASETS", str(REPO.parent / "shared" / "datasets")))
+    parser.add_argument("--datasets-root",
+                        default=os.environ.get("DEFECTSCOPE_DATASETS", str(REPO.parent / "shared" / "datasets")))
     parser.add_argument("--methods", nargs="+", default=METHOD_NAMES, choices=METHOD_NAMES)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--backbones", nargs="+", default=BACKBONES)
@@ -91,9 +92,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
                 print(f"| {name} | {label} | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | "
                       f"{r['fit_s']:.1f} | {r['img_per_s']:.1f} | {r['peak_rss_gb']:.2f} GB |",
-                      f"(model {r['model_mb']:.1f} MB)", flush=True)
-    print(f"\ncommand: python bench/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}\nmachine: {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, Python {platform.python_version()}\ndate: {date.today()}")
+                      f"(model files {r['model_mb']:.1f} MB)", flush=True)
+    print(f"\ncommand: python bench/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}\n"
+          f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"Python {platform.python_version()}\ndate: {date.today()}")
 
 
 if __name__ == "__main__":

@@ -76,3 +76,22 @@ def test_help_explains_options(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         main(["fit", "--help"])
     assert "coreset_ratio" in capsys.readouterr().out
+
+
+def test_missing_mask_needs_image_level_only(run: Path, example_root: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    import shutil
+
+    data = tmp_path / "bottle_small"
+    shutil.copytree(example_root, data)
+    removed = sorted((data / "ground_truth" / "contamination").iterdir())[0]
+    removed.unlink()
+    assert main(["test", str(run), str(data), "--out", str(tmp_path / "t1")]) == 2
+    err = capsys.readouterr().err
+    assert removed.stem.replace("_mask", "") in err and "image-level" in err.replace("_", "-")
+    assert main(["test", str(run), str(data), "--image-level-only", "--out", str(tmp_path / "t2"),
+                 "--no-overlays"]) == 0
+    captured = capsys.readouterr()
+    assert "pixel metrics skipped" in captured.err
+    metrics = json.loads((tmp_path / "t2" / "metrics.json").read_text())["metrics"]
+    assert "image_auroc" in metrics and "pixel_auroc" not in metrics

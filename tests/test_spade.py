@@ -50,20 +50,27 @@ def test_image_knn_retrieves_the_images_of_the_same_kind(tmp_path: Path) -> None
     expected = torch.cdist(pooled, det.image_index.bank)[torch.arange(4)[:, None], nearest]
     torch.testing.assert_close(dist, expected, rtol=1e-4, atol=1e-4)
 
-    # Each position's score is its distance to the nearest patch of the retrieved images only.
-    _, emb = det.embed(queries)
-    queries_p = emb.flatten(2).transpose(1, 2)
-    gallery = det.patches[nearest].flatten(1, 2).float()  # (4, 3 * P, D)
-    patch_scores = torch.cdist(queries_p, gallery).amin(2).reshape(4, *emb.shape[-2:])
-    torch.testing.assert_close(det.predict(queries).maps, anomaly_maps(patch_scores, (64, 64), det.blur_sigma),
-                               rtol=1e-3, atol=1e-3)
-
     # K is capped at the number of fitting images, and the image score is the mean distance.
     det.num_image_neighbors = 50
     dist, nearest = det.nearest_images(pooled)
     assert nearest.shape == (4, len(kinds)) and sorted(nearest[0].tolist()) == list(range(len(kinds)))
     scores = det.predict(queries).scores
     torch.testing.assert_close(scores, dist.mean(1))
+
+
+def test_map_is_the_distance_to_the_retrieved_images_patches(
+        fitted: tuple[SPADE, Path], example_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each position scores its distance to the nearest patch of its K images (here unblurred)."""
+    det, _ = fitted
+    monkeypatch.setattr(det, "num_image_neighbors", 5)
+    monkeypatch.setattr(det, "blur_sigma", 0.0)
+    images = next(iterate_batches(ImageDataset(mvtec_samples(example_root, "test")[:2], 128), 2))["image"]
+    pred = det.predict(images)
+    pooled, emb = det.embed(images)
+    _, nearest = det.nearest_images(pooled)
+    gallery = det.patches[nearest].flatten(1, 2).float()  # (2, 5 * P, D)
+    patch_scores = torch.cdist(emb.flatten(2).transpose(1, 2), gallery).amin(2).reshape(2, *emb.shape[-2:])
+    torch.testing.assert_close(pred.maps, anomaly_maps(patch_scores, (128, 128), 0.0), rtol=1e-3, atol=2e-3)
 
 
 def test_patch_features_are_half_precision(fitted: tuple[SPADE, Path]) -> None:

@@ -55,6 +55,7 @@ class SPADE(BackboneDetector):
 
     @property
     def extracted_layers(self) -> tuple[str, ...]:
+        """The patch layers, then the layer pooled for the image-level search."""
         return (*self.layers, self.image_layer)
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +76,7 @@ class SPADE(BackboneDetector):
         self._set_bank(torch.cat(pooled), patches)
 
     def _set_bank(self, pooled: torch.Tensor, patches: torch.Tensor) -> None:
-        self._image_index = NearestNeighbors(pooled)
+        self._image_index = NearestNeighbors(pooled, exact=True)
         self._patches = patches.to(torch.float16)
 
     def nearest_images(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +91,7 @@ class SPADE(BackboneDetector):
         queries = emb.flatten(2).transpose(1, 2)  # (B, P, D)
         patch_scores = torch.empty(b, h * w)
         for i in range(b):
-            gallery = NearestNeighbors(self.patches[nearest[i]].reshape(-1, d))
+            gallery = NearestNeighbors(self.patches[nearest[i]].reshape(-1, d), exact=True)
             k = min(self.num_patch_neighbors, len(gallery))
             patch_scores[i] = gallery.search(queries[i], k)[0].mean(1)
         return dist.mean(1), anomaly_maps(patch_scores.reshape(b, h, w), images.shape[-2:], self.blur_sigma)

@@ -157,11 +157,13 @@ class _Frame:
         return _H - _BOTTOM - (y - self.y0) / (self.y1 - self.y0) * (_H - _TOP - _BOTTOM)
 
     def axes(self, title: str, xlabel: str, ylabel: str) -> list[str]:
-        parts = [f'<text x="{_W / 2}" y="18" text-anchor="middle" font-size="14" font-weight="bold">{_esc(title)}</text>']
+        parts = [f'<text x="{_W / 2}" y="18" text-anchor="middle" font-size="14" font-weight="bold">'
+                 f"{_esc(title)}</text>"]
         for t in _ticks(self.x0, self.x1):
             x = self.px(t)
             parts.append(f'<line x1="{x:.1f}" y1="{_TOP}" x2="{x:.1f}" y2="{_H - _BOTTOM}" stroke="#eee"/>'
-                         f'<text x="{x:.1f}" y="{_H - _BOTTOM + 14}" text-anchor="middle" font-size="10">{t:.3g}</text>')
+                         f'<text x="{x:.1f}" y="{_H - _BOTTOM + 14}" text-anchor="middle" font-size="10">'
+                         f"{t:.3g}</text>")
         for t in _ticks(self.y0, self.y1):
             y = self.py(t)
             parts.append(f'<line x1="{_LEFT}" y1="{y:.1f}" x2="{_W - _RIGHT}" y2="{y:.1f}" stroke="#eee"/>'
@@ -208,8 +210,8 @@ def _histogram(scores: np.ndarray, labels: np.ndarray, threshold: float | None, 
     for counts, colour in ((good, _GOOD), (bad, _BAD)):
         for left, right, count in zip(edges[:-1], edges[1:], counts):
             if count:
-                top = frame.py(float(count))
-                parts.append(f'<rect x="{frame.px(left):.1f}" y="{top:.1f}" width="{frame.px(right) - frame.px(left):.1f}" '
+                top, x0 = frame.py(float(count)), frame.px(left)
+                parts.append(f'<rect x="{x0:.1f}" y="{top:.1f}" width="{frame.px(right) - x0:.1f}" '
                              f'height="{base - top:.1f}" fill="{colour}" fill-opacity="0.55"/>')
     if threshold is not None:
         x = frame.px(threshold)
@@ -218,8 +220,9 @@ def _histogram(scores: np.ndarray, labels: np.ndarray, threshold: float | None, 
                      'stroke-width="2" stroke-dasharray="5,3"/>'
                      f'<text x="{x - 4 if left_of_line else x + 4:.1f}" y="{_TOP + 12}" font-size="11" '
                      f'text-anchor="{"end" if left_of_line else "start"}" fill="{_THRESHOLD}">threshold</text>')
-    parts.append(f'<rect x="{_LEFT + 8}" y="{_TOP + 20}" width="10" height="10" fill="{_GOOD}" fill-opacity="0.55"/>'
-                 f'<text x="{_LEFT + 22}" y="{_TOP + 29}" font-size="11">good</text>'
-                 f'<rect x="{_LEFT + 8}" y="{_TOP + 36}" width="10" height="10" fill="{_BAD}" fill-opacity="0.55"/>'
-                 f'<text x="{_LEFT + 22}" y="{_TOP + 45}" font-size="11">defective</text>')
+    legend_y = _H - 17
+    parts.append(f'<rect x="8" y="{legend_y}" width="10" height="10" fill="{_GOOD}" fill-opacity="0.55"/>'
+                 f'<text x="21" y="{legend_y + 9}" font-size="11">good</text>'
+                 f'<rect x="54" y="{legend_y}" width="10" height="10" fill="{_BAD}" fill-opacity="0.55"/>'
+                 f'<text x="67" y="{legend_y + 9}" font-size="11">defective</text>')
     return _svg("histogram", parts)
