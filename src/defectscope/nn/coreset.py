@@ -104,19 +104,27 @@ class _CoverState:
         self.min_dist = torch.full((points.shape[0],), float("inf"))
         self.centers = torch.empty(capacity, dtype=torch.long)
         self.count = 0
+        self._buffer: torch.Tensor | None = None
+        self._nearest = torch.empty(0)
 
     def add(self, new: torch.Tensor) -> None:
         """Add the point indices ``new`` as centers; one fused GEMM pass over the bank per call.
 
-        Uses min_j |x - c_j|^2 = |x|^2 + min_j (|c_j|^2 - 2 x.c_j), chunked over rows so the
-        temporary matrix stays small.
+        Uses min_j |x - c_j|^2 = |x|^2 + min_j (|c_j|^2 - 2 x.c_j), chunked over rows into reused
+        buffers, so the pass allocates nothing large.
         """
         new_points = self.points[new]
-        new_norms = (new_points * new_points).sum(1)
+        new_norms = (new_points * new_points).sum(1)[None, :]
+        rows = min(_ROW_CHUNK, self.points.shape[0])
+        if self._buffer is None or self._buffer.shape[1] < new.shape[0]:
+            self._buffer = torch.empty(rows, max(new.shape[0], 128))
+            self._nearest = torch.empty(rows)
         for start in range(0, self.points.shape[0], _ROW_CHUNK):
-            stop = start + _ROW_CHUNK
-            partial = torch.addmm(new_norms[None, :], self.points[start:stop], new_points.T, alpha=-2.0)
-            nearest = partial.amin(1).add_(self.norms[start:stop]).clamp_min_(0.0)
+            stop = min(start + _ROW_CHUNK, self.points.shape[0])
+            out = self._buffer[: stop - start, : new.shape[0]]
+            torch.addmm(new_norms, self.points[start:stop], new_points.T, alpha=-2.0, out=out)
+            nearest = torch.amin(out, 1, out=self._nearest[: stop - start])
+            nearest.add_(self.norms[start:stop]).clamp_min_(0.0)
             torch.minimum(self.min_dist[start:stop], nearest, out=self.min_dist[start:stop])
         self.min_dist[new] = 0.0
         self.centers[self.count : self.count + new.shape[0]] = new
