@@ -5,9 +5,10 @@ patches, subsampled by a greedy k-center coreset (computed on a ``projection_dim
 projection, as the paper's approximate greedy coreset). A test patch scores its distance to the
 nearest bank patch (faiss; an inverted-file index for large banks unless ``exact_search``); the
 image score is the largest patch score, re-weighted by how isolated that bank patch is among its
-own neighbours (the paper's Eq. 7). Every layer is pooled (adaptive average over channels) to an
-equal share of ``embed_dim`` so that each weighs the same in distances, as in the paper's
-fixed-dimension projection; ``embed_dim=None`` concatenates the raw channels instead.
+own neighbours (the paper's Eq. 7). By default the layers' channels are concatenated as they
+are; ``embed_dim`` instead pools every layer (adaptive average over channels) to an equal share
+of a fixed dimension, the paper's fixed-dimension projection, which weighs the finer layer more
+(see BENCHMARKS.md for when that helps).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class PatchCore(BackboneDetector):
         layers: tuple[str, ...] = ("s8", "s16"),
         weights: str | None = None,
         image_size: int = 256,
-        embed_dim: int | None = 256,
+        embed_dim: int | None = None,
         neighbourhood: int = 3,
         coreset_ratio: float = 0.1,
         projection_dim: int = 64,
