@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 from PIL import Image
 
 from . import __version__

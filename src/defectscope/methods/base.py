@@ -16,7 +16,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Self
+from typing import Any, ClassVar, Iterable, Self, TypeVar
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ FORMAT = "defectscope-model"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 TENSORS_FILE = "model.safetensors"
+T = TypeVar("T")
 
 
 @dataclass
@@ -179,6 +180,13 @@ class Detector(ABC):
         os.replace(tmp_tensors, folder / TENSORS_FILE)
         os.replace(tmp_config, folder / CONFIG_FILE)
         return folder
+
+
+def fitted(detector: Detector, value: T | None) -> T:
+    """``value`` (a fitted part of ``detector``), or a clear error when it was not fitted or loaded."""
+    if value is None:
+        raise DefectscopeError(f"{type(detector).__name__} is not fitted: call fit() or load() first")
+    return value
 
 
 def split_calibration(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:

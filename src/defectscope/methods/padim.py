@@ -17,6 +17,7 @@ from ..nn.embedding import patch_embedding
 from ..nn.gaussian import StreamingGaussian, mahalanobis
 from ..postprocess import anomaly_maps
 from .backbone_detector import BackboneDetector
+from .base import fitted
 
 
 class PaDiM(BackboneDetector):
@@ -90,23 +91,17 @@ class PaDiM(BackboneDetector):
     @property
     def channels(self) -> torch.Tensor:
         """(d,) indices of the embedding channels the Gaussians model."""
-        if self._channels is None:
-            raise RuntimeError("PaDiM has no Gaussians; fit or load it first")
-        return self._channels
+        return fitted(self, self._channels)
 
     @property
     def mean(self) -> torch.Tensor:
         """(P, d) per-position feature means."""
-        if self._mean is None:
-            raise RuntimeError("PaDiM has no Gaussians; fit or load it first")
-        return self._mean
+        return fitted(self, self._mean)
 
     @property
     def whitener(self) -> torch.Tensor:
         """(P, d, d) inverse Cholesky factors of the regularised per-position covariances."""
-        if self._whitener is None:
-            raise RuntimeError("PaDiM has no Gaussians; fit or load it first")
-        return self._whitener
+        return fitted(self, self._whitener)
 
     def _state(self) -> dict[str, torch.Tensor]:
         return {"channels": self.channels, "mean": self.mean, "whitener": self.whitener}

@@ -14,15 +14,14 @@ of a fixed dimension, the paper's fixed-dimension projection, which weighs the f
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from ..data import ImageDataset, iterate_batches
 from ..nn.coreset import greedy_coreset
 from ..nn.embedding import patch_embedding
 from ..nn.knn import NearestNeighbors
 from ..postprocess import anomaly_maps
-from ..progress import progress_enabled
 from .backbone_detector import BackboneDetector
+from .base import fitted
 
 
 class PatchCore(BackboneDetector):
@@ -76,7 +75,7 @@ class PatchCore(BackboneDetector):
         n_select = max(1, int(round(bank.shape[0] * self.coreset_ratio)))
         if n_select < bank.shape[0]:
             keep = greedy_coreset(bank, n_select, projection_dim=self.projection_dim, seed=self.seed,
-                                  desc="coreset" if progress_enabled() else None)
+                                  desc="coreset")
             bank = bank[keep]
         self._index = NearestNeighbors(bank.contiguous(), exact=self.exact_search)
 
@@ -111,9 +110,7 @@ class PatchCore(BackboneDetector):
 
     @property
     def index(self) -> NearestNeighbors:
-        if self._index is None:
-            raise RuntimeError("PatchCore has no memory bank; fit or load it first")
-        return self._index
+        return fitted(self, self._index)
 
     @property
     def memory_bank(self) -> torch.Tensor:

@@ -16,6 +16,7 @@ from ..nn.embedding import patch_embedding
 from ..nn.knn import NearestNeighbors
 from ..postprocess import anomaly_maps
 from .backbone_detector import BackboneDetector
+from .base import fitted
 
 
 class SPADE(BackboneDetector):
@@ -98,16 +99,12 @@ class SPADE(BackboneDetector):
 
     @property
     def image_index(self) -> NearestNeighbors:
-        if self._image_index is None:
-            raise RuntimeError("SPADE has no fitted images; fit or load it first")
-        return self._image_index
+        return fitted(self, self._image_index)
 
     @property
     def patches(self) -> torch.Tensor:
         """(N, P, D) float16 patch features of the fitting images."""
-        if self._patches is None:
-            raise RuntimeError("SPADE has no fitted images; fit or load it first")
-        return self._patches
+        return fitted(self, self._patches)
 
     def _state(self) -> dict[str, torch.Tensor]:
         return {"image_features": self.image_index.bank, "patch_features": self.patches}
