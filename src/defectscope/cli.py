@@ -17,6 +17,7 @@ from . import __version__
 from .data import IMAGE_EXTENSIONS, ImageDataset, Sample, folder_samples, iterate_batches
 from .data.sources import resolve_category, labelled_samples, training_samples
 from .errors import DataError, DefectscopeError
+from .evaluate import evaluate
 from .methods import METHODS, Detector, load
 from .report.html import write_report
 from .report.overlay import input_name, overlay, overlay_name, to_rgb
@@ -90,8 +91,6 @@ def cmd_test(args: argparse.Namespace) -> int:
     overlays = out / "overlays"
     (overlays / "inputs").mkdir(parents=True, exist_ok=True)
     print(f"testing {args.run} on {len(samples)} images from {source}", file=sys.stderr)
-    from .evaluate import evaluate
-
     vmax = 1.5 * detector.calibration.threshold if detector.calibration else None
 
     def write_overlays(batch: dict[str, Any], pred: Any) -> None:
@@ -112,7 +111,7 @@ def cmd_test(args: argparse.Namespace) -> int:
                "threshold": detector.calibration.threshold if detector.calibration else None,
                "metrics": result.metrics, "notes": result.notes}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _write_csv(out / "predictions.csv", result.records)
+    (out / "predictions.csv").write_text(_format_records(result.records, "csv"))
     report = write_report(out, summary, result.records, result.curves, with_images=not args.no_overlays)
     print(_metrics_table(result.metrics))
     print(f"{result.images_per_second:.1f} images/s; wrote {report}, {out / 'metrics.json'}, {out / 'predictions.csv'}"
@@ -125,16 +124,6 @@ def _metrics_table(metrics: dict[str, float]) -> str:
     rows = [f"{'metric'.ljust(width)}  value", f"{'-' * width}  ------"]
     rows += [f"{k.ljust(width)}  {v:.4f}" for k, v in metrics.items()]
     return "\n".join(rows)
-
-
-def _write_csv(path: Path, records: list[dict[str, Any]]) -> None:
-    if not records:
-        path.write_text("")
-        return
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(records[0]))
-        writer.writeheader()
-        writer.writerows(records)
 
 
 def _expand_inputs(paths: Sequence[str]) -> list[Path]:
@@ -192,6 +181,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _format_records(records: list[dict[str, Any]], fmt: str) -> str:
     if fmt == "json":
         return json.dumps(records, indent=2) + "\n"
+    if not records:
+        return ""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(records[0]))
     writer.writeheader()
@@ -208,7 +199,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cmd_fit(fit_args)
     test_args = build_parser().parse_args(["test", str(out / "model"), str(data), "--out", str(out / "test")])
     cmd_test(test_args)
-    print(f"demo done: model in {out / 'model'}, metrics and heat-map overlays in {out / 'test'}")
+    print(f"demo done: model in {out / 'model'}; open {out / 'test' / 'report.html'} for the report")
     return 0
 
 

@@ -2,7 +2,9 @@
 and Localization", ICPR 2020).
 
 Every position of the finest feature grid gets its own multivariate Gaussian over the
-concatenated multi-layer features (a random subset of the channels keeps it small). A test
+concatenated multi-layer features. ``n_channels`` (default 160) caps the feature size: the
+small default backbones keep all their channels (128 and 152), larger ones use a seeded random
+subset of that size, as the paper does, so the model stays small. A test
 position scores its Mahalanobis distance to the Gaussian of its position; the image score is the
 maximum of the anomaly map.
 """
@@ -31,7 +33,7 @@ class PaDiM(BackboneDetector):
         layers: tuple[str, ...] = ("s8", "s16"),
         weights: str | None = None,
         image_size: int = 256,
-        n_channels: int | None = 100,
+        n_channels: int | None = 160,
         neighbourhood: int = 1,
         eps: float = 0.01,
         blur_sigma: float = 4.0,
