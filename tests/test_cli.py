@@ -95,3 +95,13 @@ def test_missing_mask_needs_image_level_only(run: Path, example_root: Path, tmp_
     assert "pixel metrics skipped" in captured.err
     metrics = json.loads((tmp_path / "t2" / "metrics.json").read_text())["metrics"]
     assert "image_auroc" in metrics and "pixel_auroc" not in metrics
+
+
+def test_good_only_folder_gives_verdicts_without_ranking_metrics(run: Path, example_root: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    good = example_root / "test" / "good"
+    assert main(["test", str(run), "--good", str(good), "--out", str(tmp_path), "--no-overlays"]) == 0
+    assert "ranking metrics skipped" in capsys.readouterr().err
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert "image_auroc" not in summary["metrics"] and "accuracy_at_threshold" in summary["metrics"]
+    assert summary["n_images"] == len(list(good.iterdir()))

@@ -120,6 +120,8 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def _metrics_table(metrics: dict[str, float]) -> str:
+    if not metrics:
+        return "no metrics (see the notes above)"
     width = max(len(k) for k in metrics)
     rows = [f"{'metric'.ljust(width)}  value", f"{'-' * width}  ------"]
     rows += [f"{k.ljust(width)}  {v:.4f}" for k, v in metrics.items()]

@@ -61,7 +61,12 @@ def evaluate(detector: Detector, samples: list[Sample], batch_size: int | None =
     elapsed = time.perf_counter() - start
     y, s = np.concatenate(labels), np.concatenate(scores)
     notes: list[str] = []
-    if np.concatenate(has_mask).all():
+    metrics: dict[str, float] = {}
+    curves: dict = {}
+    if len(np.unique(y)) < 2:
+        only = "defective" if y.size and y[0] == 1 else "good"
+        notes.append(f"ranking metrics skipped: they need good and defective images, all {y.size} are {only}")
+    elif np.concatenate(has_mask).all():
         metrics, curves = compute_metrics_and_curves(y, s, np.concatenate(masks), np.concatenate(maps))
     else:
         metrics, curves = compute_metrics_and_curves(y, s)
