@@ -93,8 +93,8 @@ class MBConv(nn.Module):
         self.residual = stride == 1 and cin == cout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu6(self._bn0(self._expand_conv(x))) if self.expand else x
-        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+        y = F.relu6(self._bn0(self._expand_conv(x)), inplace=True) if self.expand else x
+        y = F.relu6(self._bn1(self._depthwise_conv(y)), inplace=True)
         y = self._bn2(self._project_conv(y))
         return x + y if self.residual else y
 
@@ -107,7 +107,7 @@ class Stem(nn.Module):
         self.conv, self.bn = conv, bn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu6(self.bn(self.conv(x)))
+        return F.relu6(self.bn(self.conv(x)), inplace=True)
 
 
 class EfficientNetLite0(Backbone):
@@ -130,10 +130,10 @@ class EfficientNetLite0(Backbone):
         self._fc = nn.Linear(1280, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu6(self._bn0(self._conv_stem(x)))
+        x = F.relu6(self._bn0(self._conv_stem(x)), inplace=True)
         for block in self._blocks:
             x = block(x)
-        x = F.relu6(self._bn1(self._conv_head(x))).mean(dim=(2, 3))
+        x = F.relu6(self._bn1(self._conv_head(x)), inplace=True).mean(dim=(2, 3))
         return self._fc(self._dropout(x))
 
     def stages(self) -> list[Stage]:
