@@ -20,7 +20,7 @@ from .errors import DataError, DefectscopeError
 from .evaluate import evaluate
 from .methods import METHODS, Detector, load
 from .report.html import write_report
-from .report.overlay import input_name, overlay, overlay_name, to_rgb
+from .report.overlay import display_max, input_name, overlay, overlay_name, to_rgb
 
 EXAMPLE_DATA = Path(__file__).resolve().parents[2] / "examples" / "bottle_small"
 DEFAULT_METHOD = "patchcore"
@@ -91,13 +91,13 @@ def cmd_test(args: argparse.Namespace) -> int:
     overlays = out / "overlays"
     (overlays / "inputs").mkdir(parents=True, exist_ok=True)
     print(f"testing {args.run} on {len(samples)} images from {source}", file=sys.stderr)
-    vmax = 1.5 * detector.calibration.threshold if detector.calibration else None
+    threshold = detector.calibration.threshold if detector.calibration else None
 
     def write_overlays(batch: dict[str, Any], pred: Any) -> None:
         if args.no_overlays:
             return
         for i, path in enumerate(batch["path"]):
-            scale = vmax if vmax is not None else float(pred.maps[i].max())
+            scale = display_max(threshold, pred.maps[i])
             mask = batch["mask"][i] if batch["has_mask"][i] else None
             defect = batch["defect_type"][i]
             overlay(batch["image"][i], pred.maps[i], scale, mask).save(overlays / overlay_name(path, defect))
@@ -156,7 +156,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if heatmaps:
         heatmaps.mkdir(parents=True, exist_ok=True)
     threshold = detector.calibration.threshold if detector.calibration else None
-    vmax = 1.5 * threshold if threshold else None
     records = []
     for batch in iterate_batches(ImageDataset(samples, detector.image_size), args.batch_size or detector.batch_size,
                                  desc="predicting"):
@@ -168,7 +167,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                       "verdict": ("anomalous" if score > threshold else "good") if threshold else None}
             if heatmaps:
                 name = f"{Path(path).stem}_heatmap.png"
-                overlay(batch["image"][i], pred.maps[i], vmax or float(pred.maps[i].max())).save(heatmaps / name)
+                overlay(batch["image"][i], pred.maps[i], display_max(threshold, pred.maps[i])).save(heatmaps / name)
                 record["heatmap"] = str(heatmaps / name)
             records.append(record)
     text = _format_records(records, args.format)

@@ -9,11 +9,11 @@ from typing import Iterable
 from ..errors import DataError
 from .dataset import ImageDataset
 from .image_io import IMAGE_EXTENSIONS
-from .layouts import Sample, find_categories, folder_samples, mvtec_samples
+from .layouts import Sample, folder_samples, mvtec_samples
 
 
 def _is_category(path: Path) -> bool:
-    return (path / "train" / "good").is_dir() or (path / "test").is_dir() and (path / "ground_truth").is_dir()
+    return (path / "train" / "good").is_dir() or ((path / "test").is_dir() and (path / "ground_truth").is_dir())
 
 
 def resolve_category(data: str | os.PathLike, category: str | None = None) -> Path:
@@ -21,21 +21,26 @@ def resolve_category(data: str | os.PathLike, category: str | None = None) -> Pa
     root = Path(data).expanduser()
     if not root.exists():
         raise DataError(f"{root}: no such folder")
+    found = _categories_in(root)
     if category:
         path = root / category
         if not path.is_dir():
-            names = ", ".join(p.name for p in find_categories(root)) if root.is_dir() else ""
+            names = ", ".join(p.name for p in found)
             raise DataError(f"{path}: no such category folder" + (f" (found: {names})" if names else ""))
         return path
     if _is_category(root):
         return root
-    found = [p for p in root.iterdir() if p.is_dir() and _is_category(p)] if root.is_dir() else []
     if len(found) == 1:
         return found[0]
     if found:
-        names = ", ".join(sorted(p.name for p in found))
+        names = ", ".join(p.name for p in found)
         raise DataError(f"{root}: holds several categories ({names}); choose one with --category")
     return root
+
+
+def _categories_in(root: Path) -> list[Path]:
+    """Sub-folders of ``root`` that are categories, sorted by name."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and _is_category(p)) if root.is_dir() else []
 
 
 def training_samples(data: str | os.PathLike | ImageDataset | Iterable[Sample], category: str | None = None) -> list[Sample]:

@@ -40,6 +40,11 @@ def overlay(image: torch.Tensor, amap: torch.Tensor, vmax: float, mask: torch.Te
     return Image.fromarray(out)
 
 
+def display_max(threshold: float | None, amap: torch.Tensor) -> float:
+    """Top of the colour scale: 1.5 x the decision threshold (so red means anomalous), else the map's maximum."""
+    return 1.5 * threshold if threshold else float(amap.max())
+
+
 def overlay_name(path: str, defect_type: str) -> str:
     """File name of an image's overlay: unique across defect-type folders."""
     return f"{defect_type}_{Path(path).stem}.png"
