@@ -19,6 +19,7 @@ from .data.sources import resolve_category, labelled_samples, training_samples
 from .errors import DataError, DefectscopeError
 from .evaluate import evaluate
 from .methods import METHODS, Detector, load
+from .methods.trained import TrainedDetector
 from .report.html import write_report
 from .report.overlay import display_max, input_name, overlay, overlay_name, to_rgb
 
@@ -55,7 +56,7 @@ def _parse_sets(pairs: Sequence[str], method: str) -> dict[str, Any]:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     params = _parse_sets(args.set, args.method)
-    for key in ("backbone", "image_size", "coreset_ratio", "weights", "seed", "batch_size"):
+    for key in ("backbone", "image_size", "coreset_ratio", "weights", "seed", "batch_size", "epochs", "time_budget"):
         value = getattr(args, key)
         if value is not None:
             if key not in inspect.signature(METHODS[args.method].__init__).parameters:
@@ -63,9 +64,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
             params[key] = value
     category_dir = resolve_category(args.data, args.category)
     samples = training_samples(category_dir)
-    detector = METHODS[args.method](**params)
+    detector = METHODS[args.method](**params).to(args.device)
     print(f"fitting {detector!r}\n  on {len(samples)} good images from {category_dir}", file=sys.stderr)
-    detector.fit(samples)
+    if isinstance(detector, TrainedDetector):
+        detector.fit(samples, checkpoint_dir=Path(args.out) / "checkpoint", resume=args.resume)
+    elif args.resume:
+        raise DefectscopeError(f"--resume: {args.method} is not trained in epochs, there is nothing to resume")
+    else:
+        detector.fit(samples)
     detector.fit_info["data"] = str(category_dir.resolve())
     out = detector.save(args.out)
     info = detector.fit_info
@@ -85,7 +91,7 @@ def _test_samples(args: argparse.Namespace, detector: Detector) -> tuple[list[Sa
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    detector = load(args.run)
+    detector = load(args.run).to(args.device)
     samples, source = _test_samples(args, detector)
     out = Path(args.out) if args.out else Path(args.run) / "test"
     overlays = out / "overlays"
@@ -149,7 +155,7 @@ def _expand_inputs(paths: Sequence[str]) -> list[Path]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    detector = load(args.run)
+    detector = load(args.run).to(args.device)
     files = _expand_inputs(args.paths)
     samples = [Sample(p.resolve(), 0, "unknown", None, "predict") for p in files]
     heatmaps = Path(args.heatmaps) if args.heatmaps else None
@@ -204,6 +210,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="torch device: cpu (default) or cuda / cuda:N when a GPU exists")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="defectscope",
@@ -227,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--coreset-ratio", type=float, help="PatchCore: fraction of patches kept in the memory bank (default 0.1)")
     fit.add_argument("--batch-size", type=int, help="images per batch (default 16)")
     fit.add_argument("--seed", type=int, help="random seed (default 0)")
+    fit.add_argument("--epochs", type=int, help="trained methods: number of training epochs")
+    fit.add_argument("--time-budget", type=float, metavar="SECONDS",
+                     help="trained methods: stop training after this many seconds (counted across resumes)")
+    fit.add_argument("--resume", action="store_true", help="trained methods: continue from the last checkpoint "
+                     "in RUN/checkpoint instead of starting over")
+    _add_device(fit)
     fit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other method parameter (see below)")
     fit.set_defaults(func=cmd_fit)
 
@@ -245,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--out", metavar="DIR", help="where to write results (default: RUN/test)")
     test.add_argument("--batch-size", type=int, help="images per batch (default: the run's)")
     test.add_argument("--no-overlays", action="store_true", help="do not write heat-map overlay images (the report then shows none)")
+    _add_device(test)
     test.set_defaults(func=cmd_test)
 
     predict = sub.add_parser("predict", help="score new images: score, verdict and optional heat map per image",
@@ -257,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", metavar="FILE", help="write results to FILE instead of standard output")
     predict.add_argument("--heatmaps", metavar="DIR", help="also write a heat-map overlay per image to DIR")
     predict.add_argument("--batch-size", type=int, help="images per batch (default: the run's)")
+    _add_device(predict)
     predict.set_defaults(func=cmd_predict)
 
     demo = sub.add_parser("demo", help="fit and test PatchCore on the bundled example (a small MVTec AD bottle subset)",

@@ -31,7 +31,8 @@ class BackboneDetector(Detector):
     def extractor(self) -> torch.nn.Module:
         """The frozen backbone, built on first use."""
         if self._extractor is None:
-            self._extractor = create_backbone(self.backbone, layers=self.extracted_layers, weights=self.weights)
+            self._extractor = create_backbone(self.backbone, layers=self.extracted_layers,
+                                              weights=self.weights).to(self.device)
         return self._extractor
 
     @property
@@ -41,8 +42,12 @@ class BackboneDetector(Detector):
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Backbone feature maps of the requested layers for images (B, 3, H, W) in [0, 1]."""
-        return self.extractor(images)
+        """Backbone feature maps (on the CPU) of the requested layers for images (B, 3, H, W) in [0, 1]."""
+        return [f.float().cpu() for f in self.extractor(images.to(self.device))]
+
+    def _to_device(self, device: torch.device) -> None:
+        if self._extractor is not None:
+            self._extractor.to(device)
 
     def _extra_config(self) -> dict[str, Any]:
         return {"backbone_weights_sha256": _sha256(resolve_weights(self.backbone, self.weights))}

@@ -8,7 +8,6 @@ name (as in scikit-learn), so a saved model is its constructor call plus its ten
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import os
@@ -24,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
+from ..checkpoint import sha256_file as _sha256
 from ..data import ImageDataset, Sample, iterate_batches
 from ..data.sources import training_samples
 from ..errors import DefectscopeError, ModelFileError
@@ -70,6 +70,21 @@ class Detector(ABC):
         self.seed = seed
         self.calibration: Calibration | None = None
         self.fit_info: dict[str, Any] = {}
+        self.device = torch.device("cpu")
+
+    def to(self, device: str | torch.device) -> Self:
+        """Run on ``device`` ("cpu", "cuda", "cuda:1", ...); inputs and outputs stay on the CPU."""
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise DefectscopeError(f"device {device}: no CUDA GPU is available to torch here; use --device cpu")
+        if device.type not in ("cpu", "cuda"):
+            raise DefectscopeError(f"device {device}: only cpu and cuda are supported")
+        self.device = device
+        self._to_device(device)
+        return self
+
+    def _to_device(self, device: torch.device) -> None:
+        """Move fitted parts to ``device`` (methods with networks override this)."""
 
     # -- hyper-parameters ------------------------------------------------------------------
     def get_params(self) -> dict[str, Any]:
@@ -102,6 +117,10 @@ class Detector(ABC):
     def _load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Inverse of :meth:`_state`."""
 
+    def _fit_details(self) -> dict[str, Any]:
+        """Facts about the last ``_fit`` to keep in ``fit_info`` (e.g. training epochs and time)."""
+        return {}
+
     def _extra_config(self) -> dict[str, Any]:
         """Extra JSON facts to store (checked again by :meth:`_check_config` on load)."""
         return {}
@@ -125,7 +144,8 @@ class Detector(ABC):
         torch.manual_seed(self.seed)
         start = time.perf_counter()
         self._fit(ImageDataset(fit_part, self.image_size))
-        self.fit_info = {"n_fit_images": len(fit_part), "n_calibration_images": len(calib_part)}
+        self.fit_info = {"n_fit_images": len(fit_part), "n_calibration_images": len(calib_part),
+                         **self._fit_details()}
         self.calibration = None
         if calib_part:
             scores = [self.predict(batch["image"]).scores
@@ -147,8 +167,8 @@ class Detector(ABC):
         if tuple(images.shape[1:]) != expected:
             raise DefectscopeError(f"expected images of shape (B, {expected[0]}, {expected[1]}, {expected[2]}), "
                                    f"got {tuple(images.shape)}")
-        scores, maps = self._predict(images.float())
-        return Prediction(scores, maps, self.calibration.threshold if self.calibration else None)
+        scores, maps = self._predict(images.float().to(self.device))
+        return Prediction(scores.float().cpu(), maps.float().cpu(), self.calibration.threshold if self.calibration else None)
 
     # -- save / load -------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> Path:
@@ -201,14 +221,6 @@ def split_calibration(samples: list[Sample], fraction: float, seed: int) -> tupl
     order = np.random.default_rng(seed).permutation(len(samples))
     calib = set(order[:n_calib].tolist())
     return ([s for i, s in enumerate(samples) if i not in calib], [s for i, s in enumerate(samples) if i in calib])
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_config(folder: str | os.PathLike) -> dict[str, Any]:
