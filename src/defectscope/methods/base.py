@@ -56,6 +56,8 @@ class Detector(ABC):
     """Base class of all anomaly detectors."""
 
     name: ClassVar[str]
+    #: True for methods that also learn from a few labelled defect images (``fit(..., defects=...)``).
+    uses_labelled_defects: ClassVar[bool] = False
 
     def __init__(self, *, image_size: int = 256, batch_size: int = 16, calibration_fraction: float = 0.1,
                  threshold_sigmas: float = 3.0, seed: int = 0) -> None:
@@ -70,6 +72,7 @@ class Detector(ABC):
         self.seed = seed
         self.calibration: Calibration | None = None
         self.fit_info: dict[str, Any] = {}
+        self.labelled_defects: list[Sample] = []
         self.device = torch.device("cpu")
 
     def to(self, device: str | torch.device) -> Self:
@@ -133,19 +136,30 @@ class Detector(ABC):
     def is_fitted(self) -> bool:
         return bool(self.fit_info)
 
-    def fit(self, data: str | os.PathLike | ImageDataset | Iterable[Sample]) -> Self:
+    def fit(self, data: str | os.PathLike | ImageDataset | Iterable[Sample], *,
+            defects: Iterable[Sample] | None = None) -> Self:
         """Fit on good images and calibrate the decision threshold on a held-out slice of them.
 
         ``data`` is a category folder (MVTec layout: its train/good is used), a folder of good
-        images, an :class:`ImageDataset` or a list of :class:`Sample`.
+        images, an :class:`ImageDataset` or a list of :class:`Sample`; samples may come from
+        several categories (one unified model). ``defects`` are labelled defect samples (with
+        masks) for methods that use them (``uses_labelled_defects``); they are available to
+        ``_fit`` as ``self.labelled_defects``.
         """
         samples = list(data.samples) if isinstance(data, ImageDataset) else training_samples(data)
+        self.labelled_defects = list(defects or [])
+        if self.labelled_defects and not self.uses_labelled_defects:
+            raise DefectscopeError(f"{self.name} learns from good images only; it cannot use labelled defects")
+        bad = [s.path for s in self.labelled_defects if s.label != 1 or s.mask_path is None]
+        if bad:
+            raise DefectscopeError(f"{bad[0]}: labelled defects must be defect images with a ground-truth mask")
         fit_part, calib_part = split_calibration(samples, self.calibration_fraction, self.seed)
         torch.manual_seed(self.seed)
         start = time.perf_counter()
         self._fit(ImageDataset(fit_part, self.image_size))
         self.fit_info = {"n_fit_images": len(fit_part), "n_calibration_images": len(calib_part),
-                         **self._fit_details()}
+                         "categories": sorted({s.category for s in samples}),
+                         "labelled_defects": [str(s.path) for s in self.labelled_defects], **self._fit_details()}
         self.calibration = None
         if calib_part:
             scores = [self.predict(batch["image"]).scores

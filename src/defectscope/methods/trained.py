@@ -44,12 +44,13 @@ class TrainedDetector(Detector):
         self.training_log: TrainingLog | None = None
 
     def fit(self, data: str | os.PathLike | ImageDataset | Iterable[Sample], *,
-            checkpoint_dir: str | os.PathLike | None = None, resume: bool = False) -> Self:
+            defects: Iterable[Sample] | None = None, checkpoint_dir: str | os.PathLike | None = None,
+            resume: bool = False) -> Self:
         """Fit as :meth:`Detector.fit`; with ``checkpoint_dir`` training state is saved there as it goes,
         and ``resume=True`` continues from the checkpoint found there."""
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.resume = resume
-        return super().fit(data)
+        return super().fit(data, defects=defects)
 
     def train(self, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
               batches: Callable[[int], Iterable[Any]], step: Callable[[Any], StepResult], *,
