@@ -3,25 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import inspect
-import io
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from PIL import Image
 
 from . import __version__
-from .data import IMAGE_EXTENSIONS, ImageDataset, Sample, folder_samples, iterate_batches
-from .data.sources import resolve_category, labelled_samples, training_samples
+from .data import IMAGE_EXTENSIONS, ImageDataset, Sample, iterate_batches
+from .data.sources import pick_labelled_defects, resolve_categories, training_samples
 from .errors import DataError, DefectscopeError
-from .evaluate import evaluate
-from .methods import METHODS, Detector, load
+from .cli_synth import add_synth_parser
+from .cli_test import cmd_test, format_records
+from .methods import METHODS, load
 from .methods.trained import TrainedDetector
-from .report.html import write_report
-from .report.overlay import display_max, input_name, overlay, overlay_name, to_rgb
+from .report.overlay import display_max, overlay
 
 EXAMPLE_DATA = Path(__file__).resolve().parents[2] / "examples" / "bottle_small"
 DEFAULT_METHOD = "patchcore"
@@ -62,17 +60,29 @@ def cmd_fit(args: argparse.Namespace) -> int:
             if key not in inspect.signature(METHODS[args.method].__init__).parameters:
                 raise DefectscopeError(f"--{key.replace('_', '-')}: not a parameter of {args.method}")
             params[key] = value
-    category_dir = resolve_category(args.data, args.category)
-    samples = training_samples(category_dir)
+    category_dirs = resolve_categories(args.data, args.category, args.categories)
+    samples = [s for d in category_dirs for s in training_samples(d)]
     detector = METHODS[args.method](**params).to(args.device)
-    print(f"fitting {detector!r}\n  on {len(samples)} good images from {category_dir}", file=sys.stderr)
+    defects = []
+    if args.labelled_defects:
+        if not detector.uses_labelled_defects:
+            raise DefectscopeError(f"--labelled-defects: {args.method} learns from good images only "
+                                   f"(methods that use labelled defects: {', '.join(_defect_methods())})")
+        defects = pick_labelled_defects(category_dirs, args.labelled_defects, detector.seed, args.defects_from)
+        origin = args.defects_from or "each category's test split"
+        print(f"using {args.labelled_defects} labelled defect image(s) per category from {origin}; "
+              "`defectscope test` leaves them out of the evaluation", file=sys.stderr)
+    where = ", ".join(str(d) for d in category_dirs)
+    print(f"fitting {detector!r}\n  on {len(samples)} good images from {where}", file=sys.stderr)
     if isinstance(detector, TrainedDetector):
-        detector.fit(samples, checkpoint_dir=Path(args.out) / "checkpoint", resume=args.resume)
+        detector.fit(samples, defects=defects, checkpoint_dir=Path(args.out) / "checkpoint", resume=args.resume)
     elif args.resume:
         raise DefectscopeError(f"--resume: {args.method} is not trained in epochs, there is nothing to resume")
     else:
-        detector.fit(samples)
-    detector.fit_info["data"] = str(category_dir.resolve())
+        detector.fit(samples, defects=defects)
+    # Absolute but not resolved: category names are folder names, also when those are symlinks.
+    detector.fit_info["category_dirs"] = [os.path.abspath(d) for d in category_dirs]
+    detector.fit_info["data"] = detector.fit_info["category_dirs"][0] if len(category_dirs) == 1 else None
     out = detector.save(args.out)
     info = detector.fit_info
     threshold = f"{detector.calibration.threshold:.4g}" if detector.calibration else "none (no held-out images)"
@@ -81,57 +91,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _test_samples(args: argparse.Namespace, detector: Detector) -> tuple[list[Sample], str]:
-    if args.good:
-        return folder_samples(args.good, args.defects, args.masks, args.image_level_only), str(Path(args.good).parent)
-    data = args.data or detector.fit_info.get("data")
-    if not data:
-        raise DefectscopeError("no test data: pass DATA (the model does not record where it was fitted)")
-    return labelled_samples(data, args.category, args.image_level_only), str(data)
-
-
-def cmd_test(args: argparse.Namespace) -> int:
-    detector = load(args.run).to(args.device)
-    samples, source = _test_samples(args, detector)
-    out = Path(args.out) if args.out else Path(args.run) / "test"
-    overlays = out / "overlays"
-    (overlays / "inputs").mkdir(parents=True, exist_ok=True)
-    print(f"testing {args.run} on {len(samples)} images from {source}", file=sys.stderr)
-    threshold = detector.calibration.threshold if detector.calibration else None
-
-    def write_overlays(batch: dict[str, Any], pred: Any) -> None:
-        if args.no_overlays:
-            return
-        for i, path in enumerate(batch["path"]):
-            scale = display_max(threshold, pred.maps[i])
-            mask = batch["mask"][i] if batch["has_mask"][i] else None
-            defect = batch["defect_type"][i]
-            overlay(batch["image"][i], pred.maps[i], scale, mask).save(overlays / overlay_name(path, defect))
-            Image.fromarray(to_rgb(batch["image"][i])).save(overlays / "inputs" / input_name(path, defect), quality=90)
-
-    result = evaluate(detector, samples, args.batch_size, on_batch=write_overlays)
-    for note in result.notes:
-        print(f"note: {note}", file=sys.stderr)
-    summary = {"run": str(args.run), "data": source, "n_images": len(samples),
-               "n_defective": sum(s.label for s in samples), "images_per_second": round(result.images_per_second, 2),
-               "threshold": detector.calibration.threshold if detector.calibration else None,
-               "metrics": result.metrics, "notes": result.notes}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "predictions.csv").write_text(_format_records(result.records, "csv"))
-    report = write_report(out, summary, result.records, result.curves, with_images=not args.no_overlays)
-    print(_metrics_table(result.metrics))
-    print(f"{result.images_per_second:.1f} images/s; wrote {report}, {out / 'metrics.json'}, {out / 'predictions.csv'}"
-          + ("" if args.no_overlays else f", {overlays}/"))
-    return 0
-
-
-def _metrics_table(metrics: dict[str, float]) -> str:
-    if not metrics:
-        return "no metrics (see the notes above)"
-    width = max(len(k) for k in metrics)
-    rows = [f"{'metric'.ljust(width)}  value", f"{'-' * width}  ------"]
-    rows += [f"{k.ljust(width)}  {v:.4f}" for k, v in metrics.items()]
-    return "\n".join(rows)
+def _defect_methods() -> list[str]:
+    return [name for name, cls in METHODS.items() if cls.uses_labelled_defects]
 
 
 def _expand_inputs(paths: Sequence[str]) -> list[Path]:
@@ -176,25 +137,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 overlay(batch["image"][i], pred.maps[i], display_max(threshold, pred.maps[i])).save(heatmaps / name)
                 record["heatmap"] = str(heatmaps / name)
             records.append(record)
-    text = _format_records(records, args.format)
+    text = format_records(records, args.format)
     if args.out:
         Path(args.out).write_text(text)
         print(f"wrote {len(records)} predictions to {args.out}", file=sys.stderr)
     else:
         sys.stdout.write(text)
     return 0
-
-
-def _format_records(records: list[dict[str, Any]], fmt: str) -> str:
-    if fmt == "json":
-        return json.dumps(records, indent=2) + "\n"
-    if not records:
-        return ""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(records[0]))
-    writer.writeheader()
-    writer.writerows(records)
-    return buffer.getvalue()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -226,11 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
                                      "model.safetensors) to --out. A held-out slice of the good images "
                                      "calibrates the decision threshold.",
                          epilog=_method_params_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    fit.add_argument("data", metavar="DATA", help="an MVTec-layout category folder (uses train/good), a dataset "
-                     "root holding categories (with --category) or a plain folder of good images")
+    fit.add_argument("data", metavar="DATA", nargs="+", help="an MVTec-layout category folder (uses train/good), a "
+                     "dataset root holding categories (with --category / --categories) or a plain folder of good "
+                     "images; several DATA folders train one unified model over all of them")
     fit.add_argument("--out", required=True, metavar="RUN", help="run folder to write the model to")
     fit.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS), help="detection method (default: %(default)s)")
     fit.add_argument("--category", help="category to use when DATA is a root holding several")
+    fit.add_argument("--categories", metavar="all|A,B", help="one unified model over these categories of the root "
+                     "DATA (all of them with 'all'); `test` then reports each category and the mean")
+    fit.add_argument("--labelled-defects", type=int, metavar="K", help="semi-supervised: also learn from K defect "
+                     "images (with masks) per category, taken from --defects-from or else from the test split "
+                     "(those are then left out of `test`)")
+    fit.add_argument("--defects-from", metavar="DIR", help="MVTec-layout category (or root of categories) to take "
+                     "the labelled defects from")
     fit.add_argument("--backbone", help="feature extractor: mobilenet_v2, efficientnet_lite0 (default), resnet18, wide_resnet50_2")
     fit.add_argument("--weights", help="explicit backbone weights file (else $DEFECTSCOPE_WEIGHTS_DIR, installed packages, download)")
     fit.add_argument("--image-size", type=int, help="square input size in pixels, multiple of 16 (default 256)")
@@ -252,8 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
                                       "heat-map overlays (ground truth outlined in green).")
     test.add_argument("run", metavar="RUN", help="run folder written by `defectscope fit`")
     test.add_argument("data", nargs="?", metavar="DATA", help="MVTec-layout category folder (uses test/ and "
-                      "ground_truth/); default: the folder the run was fitted on")
+                      "ground_truth/); default: the folder(s) the run was fitted on")
     test.add_argument("--category", help="category to use when DATA is a root holding several")
+    test.add_argument("--categories", metavar="all|A,B", help="test these categories of the root DATA, each on its "
+                      "own plus the mean")
     test.add_argument("--good", metavar="DIR", help="plain-folder test set: good images (instead of DATA)")
     test.add_argument("--defects", metavar="DIR", help="plain-folder test set: defect images")
     test.add_argument("--masks", metavar="DIR", help="plain-folder test set: masks named <stem>_mask.png or <stem>.png")
@@ -283,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo-run", metavar="DIR", help="output folder (default: %(default)s)")
     demo.add_argument("--data", metavar="DIR", help="use another MVTec-layout category folder instead of the example")
     demo.set_defaults(func=cmd_demo)
+    add_synth_parser(sub)
     return parser
 
 
