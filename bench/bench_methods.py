@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).resolve()
 DATASETS = {"mvtec_bottle": "mvtec_bottle/bottle", "mtd": "mtd/magnetic_tile"}
 BACKBONES = ["mobilenet_v2", "efficientnet_lite0"]
-METHOD_NAMES = ["patchcore", "padim", "spade"]
+FEATURE_METHODS = ["patchcore", "padim", "spade"]  # the default set: no training, minutes per row
 
 
 def method_params(method: str, params: dict) -> dict:
@@ -39,31 +39,37 @@ def method_params(method: str, params: dict) -> dict:
     return {k: v for k, v in params.items() if k in accepted}
 
 
-def run_one(method: str, data_dir: Path, backbone: str, image_size: int, params: dict) -> dict:
+def run_one(method: str, data_dir: Path, backbone: str, image_size: int | None, params: dict) -> dict:
     """Fit and test one configuration in this process; return its figures."""
     from defectscope.data import mvtec_samples
     from defectscope.evaluate import evaluate
     from defectscope.methods import METHODS
 
+    given = {"backbone": backbone, **({"image_size": image_size} if image_size else {}), **params}
     start = time.perf_counter()
-    det = METHODS[method](backbone=backbone, image_size=image_size, **method_params(method, params)).fit(data_dir)
+    det = METHODS[method](**method_params(method, given)).fit(data_dir)
     fit_s = time.perf_counter() - start
     result = evaluate(det, mvtec_samples(data_dir, "test"))
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with tempfile.TemporaryDirectory() as folder:
         model_bytes = sum(f.stat().st_size for f in det.save(folder).iterdir())
+    training = det.fit_info.get("training") or {}
     return {"fit_s": fit_s, "img_per_s": result.images_per_second, "peak_rss_gb": peak_kb / 1024**2,
-            "model_mb": model_bytes / 1024**2, **result.metrics}
+            "model_mb": model_bytes / 1024**2, "image_size": det.image_size, "epochs": training.get("epochs_done"),
+            **result.metrics}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets-root",
                         default=os.environ.get("DEFECTSCOPE_DATASETS", str(REPO.parent / "shared" / "datasets")))
-    parser.add_argument("--methods", nargs="+", default=METHOD_NAMES, choices=METHOD_NAMES)
+    from defectscope.methods import METHODS
+
+    parser.add_argument("--methods", nargs="+", default=FEATURE_METHODS, choices=sorted(METHODS),
+                        help="methods to run (default: the feature-based ones; trained methods take minutes each)")
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--backbones", nargs="+", default=BACKBONES)
-    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--image-size", type=int, help="input size (default: each method's own default)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="extra method parameter, given to every method that has it")
     parser.add_argument("--one", nargs=3, metavar=("METHOD", "DATA_DIR", "BACKBONE"), help=argparse.SUPPRESS)
@@ -75,24 +81,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     unused = set(params) - {k for m in args.methods for k in method_params(m, params)}
     if unused:
         parser.error(f"--set {', '.join(sorted(unused))}: no benchmarked method has such a parameter")
-    from defectscope.methods import METHODS
 
     for method in args.methods:
+        with_backbone = "backbone" in method_params(method, {"backbone": None})
         for name in args.datasets:
-            for backbone in args.backbones:
+            for backbone in args.backbones if with_backbone else ["-"]:
                 cmd = [sys.executable, str(SCRIPT), "--one", method, str(Path(args.datasets_root) / DATASETS[name]),
-                       backbone, "--image-size", str(args.image_size)] + sum((["--set", s] for s in args.set), [])
+                       backbone] + (["--image-size", str(args.image_size)] if args.image_size else []) \
+                    + sum((["--set", s] for s in args.set), [])
                 env = dict(os.environ, DEFECTSCOPE_NO_PROGRESS="1")
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                label = f"{METHODS[method].__name__}, {backbone}"
+                label = METHODS[method].__name__ + (f", {backbone}" if with_backbone else "")
                 if proc.returncode != 0:
                     tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
                     print(f"| {name} | {label} | failed: {tail} |", flush=True)
                     continue
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
-                print(f"| {name} | {label} | {r['image_auroc']:.3f} | {r['pixel_auroc']:.3f} | {r['aupro']:.3f} | "
-                      f"{r['fit_s']:.1f} | {r['img_per_s']:.1f} | {r['peak_rss_gb']:.2f} GB |",
-                      f"(model files {r['model_mb']:.1f} MB)", flush=True)
+                trained = f", {r['epochs']} epochs" if r.get("epochs") else ""
+                print(f"| {name} | {label} ({r['image_size']} px{trained}) | {r['image_auroc']:.3f} | "
+                      f"{r['pixel_auroc']:.3f} | {r['aupro']:.3f} | {r['fit_s']:.1f} | {r['img_per_s']:.1f} | "
+                      f"{r['peak_rss_gb']:.2f} GB | {r['model_mb']:.1f} MB |", flush=True)
     print(f"\ncommand: python bench/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}\n"
           f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}\ndate: {date.today()}")

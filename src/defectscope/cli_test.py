@@ -83,6 +83,10 @@ def _test_one(detector: Detector, samples: list[Sample], source: str, out: Path,
             defect = batch["defect_type"][i]
             overlay(batch["image"][i], pred.maps[i], scale, mask).save(overlays / overlay_name(path, defect))
             Image.fromarray(to_rgb(batch["image"][i])).save(overlays / "inputs" / input_name(path, defect), quality=90)
+            if pred.reconstructions is not None:
+                (overlays / "reconstructions").mkdir(exist_ok=True)
+                Image.fromarray(to_rgb(pred.reconstructions[i])).save(
+                    overlays / "reconstructions" / input_name(path, defect), quality=90)
 
     result = evaluate(detector, samples, args.batch_size, on_batch=write_overlays)
     notes = notes + result.notes
@@ -93,7 +97,8 @@ def _test_one(detector: Detector, samples: list[Sample], source: str, out: Path,
                "threshold": threshold, "metrics": result.metrics, "notes": notes}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "predictions.csv").write_text(format_records(result.records, "csv"))
-    report = write_report(out, summary, result.records, result.curves, with_images=not args.no_overlays)
+    report = write_report(out, summary, result.records, result.curves, with_images=not args.no_overlays,
+                          with_reconstructions=(overlays / "reconstructions").is_dir())
     print(metrics_table(result.metrics))
     print(f"{result.images_per_second:.1f} images/s; wrote {report}, {out / 'metrics.json'}, {out / 'predictions.csv'}"
           + ("" if args.no_overlays else f", {overlays}/"))

@@ -43,6 +43,7 @@ class Prediction:
     scores: torch.Tensor  # (B,) anomaly score, higher = more anomalous
     maps: torch.Tensor  # (B, H, W) anomaly map at input size
     threshold: float | None = None  # image decision threshold, from calibration on good images
+    reconstructions: torch.Tensor | None = None  # (B, 3, H, W) in [0, 1]: what the part should look like
 
     @property
     def verdicts(self) -> torch.Tensor:
@@ -109,8 +110,9 @@ class Detector(ABC):
         """Learn from good images."""
 
     @abstractmethod
-    def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores (B,) and maps (B, H, W) for images (B, 3, H, W) in [0, 1]."""
+    def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Scores (B,) and maps (B, H, W) for images (B, 3, H, W) in [0, 1]; reconstruction methods
+        add their reconstructions (B, 3, H, W) in [0, 1] as a third element."""
 
     @abstractmethod
     def _state(self) -> dict[str, torch.Tensor]:
@@ -181,8 +183,9 @@ class Detector(ABC):
         if tuple(images.shape[1:]) != expected:
             raise DefectscopeError(f"expected images of shape (B, {expected[0]}, {expected[1]}, {expected[2]}), "
                                    f"got {tuple(images.shape)}")
-        scores, maps = self._predict(images.float().to(self.device))
-        return Prediction(scores.float().cpu(), maps.float().cpu(), self.calibration.threshold if self.calibration else None)
+        scores, maps, *recon = self._predict(images.float().to(self.device))
+        return Prediction(scores.float().cpu(), maps.float().cpu(), self.calibration.threshold if self.calibration else None,
+                          recon[0].float().cpu() if recon else None)
 
     # -- save / load -------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> Path:

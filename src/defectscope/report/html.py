@@ -31,6 +31,7 @@ table.metrics { border-collapse: collapse; } table.metrics td, table.metrics th 
 .grid { display: flex; flex-wrap: wrap; gap: 10px; }
 .card { border: 3px solid #ddd; padding: 4px; width: 264px; font-size: 12px; }
 .card img { width: 128px; height: 128px; object-fit: contain; background: #eee; }
+.card.wide { width: 396px; }
 .card.fp, .card.fn { border-color: #d0452f; background: #fdf0ed; }
 .flag { color: #d0452f; font-weight: bold; }
 .name { overflow-wrap: anywhere; }
@@ -38,12 +39,14 @@ table.metrics { border-collapse: collapse; } table.metrics td, table.metrics th 
 
 
 def write_report(folder: Path, summary: dict[str, Any], records: Sequence[dict[str, Any]],
-                 curves: dict[str, tuple[np.ndarray, np.ndarray]], with_images: bool = True) -> Path:
+                 curves: dict[str, tuple[np.ndarray, np.ndarray]], with_images: bool = True,
+                 with_reconstructions: bool = False) -> Path:
     """Write ``folder/report.html`` for a test run.
 
     ``summary`` is what ``metrics.json`` holds (run, data, metrics, threshold, ...), ``records``
     the per-image records of the evaluation and ``curves`` its thinned curves. With
-    ``with_images``, each image card links ``overlays/inputs/<name>`` and ``overlays/<name>``.
+    ``with_images``, each image card links ``overlays/inputs/<name>`` and ``overlays/<name>``, and
+    with ``with_reconstructions`` also ``overlays/reconstructions/<name>`` (between the two).
     """
     threshold = summary.get("threshold")
     labels = np.array([r["label"] for r in records], dtype=int)
@@ -70,7 +73,9 @@ def write_report(folder: Path, summary: dict[str, Any], records: Sequence[dict[s
         plots.append(_line_plot("Pixel per-region overlap", "false positive rate", "PRO", curves["pro"],
                                 (0.0, 0.3), summary["metrics"].get("aupro"), "AUPRO"))
     plots.append(_histogram(scores, labels, threshold))
-    cards = [_card(r, with_images) for r in sorted(records, key=lambda r: -r["score"])]
+    cards = [_card(r, with_images, with_reconstructions) for r in sorted(records, key=lambda r: -r["score"])]
+    layout = ("Left: input. Middle: the model's reconstruction (what the part should look like). Right: anomaly map"
+              if with_reconstructions else "Left: input. Right: anomaly map")
     page = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>defectscope report: {_esc(summary.get('run', ''))}</title>",
@@ -80,7 +85,7 @@ def write_report(folder: Path, summary: dict[str, Any], records: Sequence[dict[s
         "<h2>Metrics</h2>", _metrics_table(summary["metrics"]),
         "<h2>Curves and scores</h2>", '<div class="plots">', *plots, "</div>",
         "<h2>Images, highest score first</h2>",
-        '<p class="facts">Left: input. Right: anomaly map over the input, ground truth outlined in green. '
+        f'<p class="facts">{layout} over the input, ground truth outlined in green. '
         "Red cards are wrong verdicts (false positive: good image judged anomalous; false negative: "
         "defective image judged good).</p>",
         '<div class="grid">', *cards, "</div>", "</body></html>",
@@ -111,7 +116,7 @@ def _metrics_table(metrics: dict[str, float]) -> str:
     return f'<table class="metrics" id="metrics"><tr><th>metric</th><th>value</th></tr>{rows}</table>'
 
 
-def _card(record: dict[str, Any], with_images: bool) -> str:
+def _card(record: dict[str, Any], with_images: bool, with_reconstructions: bool = False) -> str:
     flag = _flag(record)
     verdict = record.get("anomalous")
     verdict_text = "not calibrated" if verdict is None else ("anomalous" if verdict else "good")
@@ -119,11 +124,14 @@ def _card(record: dict[str, Any], with_images: bool) -> str:
     name = f"{record['defect_type']}/{Path(record['path']).name}"
     images = ""
     if with_images:
-        images = (f'<img src="overlays/inputs/{_esc(input_name(record["path"], record["defect_type"]))}" '
-                  f'alt="input {_esc(name)}" loading="lazy">'
-                  f'<img src="overlays/{_esc(overlay_name(record["path"], record["defect_type"]))}" '
+        shown = _esc(input_name(record["path"], record["defect_type"]))
+        images = (f'<img src="overlays/inputs/{shown}" alt="input {_esc(name)}" loading="lazy">'
+                  + (f'<img src="overlays/reconstructions/{shown}" alt="reconstruction {_esc(name)}" loading="lazy">'
+                     if with_reconstructions else "")
+                  + f'<img src="overlays/{_esc(overlay_name(record["path"], record["defect_type"]))}" '
                   f'alt="anomaly map {_esc(name)}" loading="lazy">')
-    return (f'<div class="card {flag or "ok"}" data-score="{record["score"]:.6g}" data-label="{record["label"]}">'
+    wide = " wide" if with_images and with_reconstructions else ""
+    return (f'<div class="card {flag or "ok"}{wide}" data-score="{record["score"]:.6g}" data-label="{record["label"]}">'
             f"{images}<div class=\"name\">{_esc(name)}</div>"
             f"<div>score {record['score']:.4g} &middot; verdict {verdict_text}"
             + (f' &middot; <span class="flag">{flag_text}</span>' if flag_text else "") + "</div></div>")
