@@ -5,6 +5,9 @@ from pathlib import Path
 
 import pytest
 
+# Set before anything imports torch (test modules may import torch before defectscope does).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "bottle_small"
 
