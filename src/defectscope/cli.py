@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "the labelled defects from")
     fit.add_argument("--backbone", help="feature extractor: mobilenet_v2, efficientnet_lite0 (default), resnet18, wide_resnet50_2")
     fit.add_argument("--weights", help="explicit backbone weights file (else $DEFECTSCOPE_WEIGHTS_DIR, installed packages, download)")
-    fit.add_argument("--image-size", type=int, help="square input size in pixels, multiple of 16 (default 256)")
+    fit.add_argument("--image-size", type=int, help="square input size in pixels, multiple of 16 "
+                     "(default: the method's own, 256 for the feature-based ones; see below)")
     fit.add_argument("--coreset-ratio", type=float, help="PatchCore: fraction of patches kept in the memory bank (default 0.1)")
     fit.add_argument("--batch-size", type=int, help="images per batch (default 16)")
     fit.add_argument("--seed", type=int, help="random seed (default 0)")
