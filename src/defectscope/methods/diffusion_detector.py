@@ -1,0 +1,255 @@
+"""Detectors that reconstruct an image with a denoising diffusion model and score the difference.
+
+:class:`DiffusionDetector` holds what DDAD and GLAD share: a diffusers ``UNet2DModel`` trained
+from scratch on good images with the noise-prediction loss (Ho et al. 2020) through the shared
+training loop, an exponential moving average of its weights for sampling, a frozen backbone for
+the feature distance, and the anomaly map of DDAD,
+
+    map = blur(v * ratio * Dp + Df),   Dp = mean_c |x - x_rec|,   Df = sum_l (1 - cos(phi_l(x), phi_l(x_rec))),
+
+where the paper's ``ratio = max(Df) / max(Dp)`` is measured once on good training images after
+fitting (instead of per test batch) so that an image's score does not depend on the other
+images of its batch. ``distance="pixel"`` or ``"feature"`` keeps one term only. A subclass
+implements :meth:`DiffusionDetector._denoise` (how an input is noised and denoised) and may
+change the training loss and the items it trains on.
+
+diffusers is imported lazily: the rest of defectscope works without it, and these methods say
+``pip install defectscope[diffusion]`` when it is missing.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data import ImageDataset
+from ..data.dataset import ItemSource
+from ..errors import DefectscopeError
+from ..nn import diffusion as dm
+from ..training import CachedImages, shuffled_batches
+from .backbone_detector import BackboneDetector
+from .base import fitted
+from .trained import TrainedDetector
+
+DISTANCES = ("both", "pixel", "feature")
+CALIBRATION_IMAGES = 64  # good training images used to measure the map ratio (and GLAD's statistics)
+
+
+class DiffusionDetector(TrainedDetector, BackboneDetector):
+    """Base of the diffusion reconstruction methods; see the module docstring."""
+
+    def __init__(self, *, unet: str, steps: int, eta: float, distance: str, v: float, blur_sigma: float,
+                 num_train_timesteps: int, beta_start: float, beta_end: float, ema_decay: float,
+                 max_train_timestep: int | None, weight_decay: float, **common: Any) -> None:
+        super().__init__(**common)
+        if distance not in DISTANCES:
+            raise DefectscopeError(f"distance must be one of {', '.join(DISTANCES)}, got {distance!r}")
+        if steps < 1:
+            raise DefectscopeError(f"steps must be at least 1, got {steps}")
+        if not 0.0 <= eta <= 1.0:
+            raise DefectscopeError(f"eta must be in [0, 1], got {eta}")
+        if max_train_timestep is not None and not 1 <= max_train_timestep <= num_train_timesteps:
+            raise DefectscopeError(f"max_train_timestep must be in [1, {num_train_timesteps}] or None, "
+                                   f"got {max_train_timestep}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise DefectscopeError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        if unet not in dm.UNET_PRESETS:
+            raise DefectscopeError(f"unknown unet {unet!r} (choose from {', '.join(dm.UNET_PRESETS)})")
+        self.unet = unet
+        self.steps = steps
+        self.eta = eta
+        self.distance = distance
+        self.v = v
+        self.blur_sigma = blur_sigma
+        self.num_train_timesteps = num_train_timesteps
+        self.beta_start = beta_start
+        self.beta_end = beta_end
+        self.ema_decay = ema_decay
+        self.max_train_timestep = max_train_timestep
+        self.weight_decay = weight_decay
+        self._network: nn.Module | None = None  # the UNet used for sampling (the EMA copy when averaging)
+        self._network_config: dict[str, Any] | None = None
+        self._ratio: torch.Tensor | None = None  # () max(Df) / max(Dp) on good images
+        self._abar: torch.Tensor | None = None
+        self._train_steps = 0
+
+    # -- pieces ------------------------------------------------------------------------------
+    @property
+    def abar(self) -> torch.Tensor:
+        """(T,) cumulative noise schedule ``alphas_cumprod`` (diffusers' DDPM linear schedule by default)."""
+        if self._abar is None:
+            self._abar = dm.alphas_cumprod(self.num_train_timesteps, self.beta_start, self.beta_end).to(self.device)
+        return self._abar
+
+    @property
+    def network(self) -> nn.Module:
+        """The denoising UNet used at inference."""
+        return fitted(self, self._network)
+
+    @property
+    def ratio(self) -> torch.Tensor:
+        """max(Df) / max(Dp) measured on good training images (scales Dp in the anomaly map)."""
+        return fitted(self, self._ratio)
+
+    def noise_model(self) -> dm.NoiseModel:
+        return dm.unet_noise_model(self.network)
+
+    def _new_network(self) -> nn.Module:
+        """A UNet to train (a subclass may start from pretrained weights)."""
+        return dm.build_unet(self.unet, self.image_size)
+
+    def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> what the UNet denoises (pixels in [-1, 1] here)."""
+        return images * 2 - 1
+
+    def to_image_space(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_model_space`, clipped to [0, 1]."""
+        return ((x + 1) / 2).clamp(0, 1)
+
+    @property
+    def feature_extractor(self) -> nn.Module:
+        """The network whose features give Df (DDAD replaces it with its domain-adapted copy)."""
+        return self.extractor
+
+    # -- training -----------------------------------------------------------------------------
+    def _training_items(self, images: CachedImages) -> ItemSource:
+        """What a training batch is drawn from (GLAD adds synthetic anomalies)."""
+        return images
+
+    def _loss(self, batch: dict[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
+        """Noise-prediction loss of plain DDPM training on good images."""
+        x0 = self.to_model_space(batch["image"].to(self.device))
+        t, eps, abar_t = self._sample_noise(x0)
+        pred = model(dm.add_noise(x0, eps, abar_t), t).sample
+        return {"loss": (pred - eps).pow(2).mean()}
+
+    def _sample_noise(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Uniform timesteps (below ``max_train_timestep`` when set), Gaussian noise and their abar."""
+        high = self.max_train_timestep or self.num_train_timesteps
+        t = torch.randint(0, high, (x0.shape[0],), device=self.device)
+        return t, torch.randn_like(x0), dm.gather_abar(self.abar, t)
+
+    def _fit(self, dataset: ImageDataset) -> None:
+        if len(dataset) < 2:
+            raise DefectscopeError(f"{type(self).__name__} needs at least 2 fitting images, got {len(dataset)}")
+        self._network = None
+        images = CachedImages(dataset)
+        items = self._training_items(images)
+        model = self._new_network().to(self.device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        modules: dict[str, nn.Module] = {"unet": model}
+        ema = None
+        if self.ema_decay > 0:
+            ema = dm.EMA(model, self.ema_decay)
+            modules["ema"] = ema
+            optimizer.register_step_post_hook(lambda *_: ema.update(model))
+        self.train(modules, optimizer, lambda epoch: shuffled_batches(items, self.batch_size, seed=self.seed, epoch=epoch),
+                   lambda batch: self._loss(batch, model), max_grad_norm=1.0,
+                   desc=f"training {self.name} ({self.unet} UNet)")
+        self._train_steps = _optimizer_steps(optimizer)
+        network = ema.model if ema is not None else model
+        self._network = network.eval().requires_grad_(False)
+        self._network_config = dm.unet_config(network)
+        self._after_training(images)
+        self._calibrate(self._calibration_images(images))
+
+    def _after_training(self, images: CachedImages) -> None:
+        """Extra fitting once the UNet is trained (DDAD: domain adaptation of the feature extractor)."""
+
+    def _calibration_images(self, images: CachedImages) -> torch.Tensor:
+        """A seeded subset of up to :data:`CALIBRATION_IMAGES` training images (B, 3, H, W)."""
+        order = np.random.default_rng([self.seed, 11]).permutation(len(images))[:CALIBRATION_IMAGES]
+        return torch.stack([images[int(i)]["image"] for i in sorted(order)])
+
+    @torch.no_grad()
+    def _calibrate(self, images: torch.Tensor) -> None:
+        """Measure the ratio max(Df) / max(Dp) on good images (subclasses calibrate more first)."""
+        max_dp, max_df = [], []
+        for start in range(0, len(images), self.batch_size):
+            batch = images[start:start + self.batch_size].to(self.device)
+            dp, df = self._distances(batch, self._reconstruct(batch))
+            max_dp.append(dp.flatten(1).amax(1))
+            max_df.append(df.flatten(1).amax(1))
+        mean_dp, mean_df = torch.cat(max_dp).mean(), torch.cat(max_df).mean()
+        self._ratio = (mean_df / mean_dp.clamp(min=1e-8)).float().cpu()
+
+    def _fit_details(self) -> dict[str, Any]:
+        return super()._fit_details() | {"train_steps": self._train_steps}
+
+    # -- inference -------------------------------------------------------------------------------
+    @abstractmethod
+    def _denoise(self, y: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """Reconstruction of model-space inputs ``y`` (B, C, h, w), in model space (``images``: the same in [0, 1])."""
+
+    def _reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        return self.to_image_space(self._denoise(self.to_model_space(images), images))
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """What the model makes of images (B, 3, H, W) in [0, 1]: their anomaly-free version, (B, 3, H, W) in [0, 1]."""
+        fitted(self, self._network)
+        if images.ndim == 3:
+            images = images[None]
+        return self._reconstruct(images.float().to(self.device)).float().cpu()
+
+    def _distances(self, images: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dp and Df (B, H, W) between images and their reconstructions."""
+        dp = dm.pixel_distance(images, recon)
+        if self.distance == "pixel":
+            return dp, torch.zeros_like(dp)
+        extractor = self.feature_extractor
+        df = dm.feature_distance(extractor(images), extractor(recon), images.shape[-2:])
+        return dp, df
+
+    def anomaly_map(self, images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) anomaly map of images given their reconstructions (see the module docstring)."""
+        dp, df = self._distances(images, recon)
+        if self.distance == "pixel":
+            return dm.combine_distances(dp, df, 1.0, 1.0, self.blur_sigma)
+        if self.distance == "feature":
+            return dm.combine_distances(dp, df, 0.0, 0.0, self.blur_sigma)
+        return dm.combine_distances(dp, df, self.v, self.ratio.to(dp.device), self.blur_sigma)
+
+    def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        recon = self._reconstruct(images)
+        maps = self.anomaly_map(images, recon)
+        return maps.flatten(1).amax(1), maps, recon
+
+    # -- save / load -----------------------------------------------------------------------------
+    def _to_device(self, device: torch.device) -> None:
+        super()._to_device(device)
+        if self._network is not None:
+            self._network.to(device)
+        self._abar = None
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        state = {f"unet.{k}": v for k, v in self.network.state_dict().items()}
+        return state | {"ratio": self.ratio.reshape(1)}
+
+    def _load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self._network_config is None:
+            raise ValueError("the model config holds no unet_config")
+        network = dm.unet_from_config(self._network_config)
+        network.load_state_dict({k[len("unet."):]: v for k, v in tensors.items() if k.startswith("unet.")})
+        self._network = network.to(self.device).eval().requires_grad_(False)
+        self._ratio = tensors["ratio"].float().reshape(())
+
+    def _extra_config(self) -> dict[str, Any]:
+        return super()._extra_config() | {"unet_config": fitted(self, self._network_config)}
+
+    def _check_config(self, config: dict[str, Any], folder: Path) -> None:
+        super()._check_config(config, folder)
+        self._network_config = config.get("unet_config")
+
+
+def _optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
+    """Optimisation steps taken so far (kept across resumed runs in the optimizer state)."""
+    for state in optimizer.state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0

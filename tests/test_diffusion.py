@@ -1,0 +1,260 @@
+"""DDAD and GLAD: the diffusion formulas on known tensors, the adaptive choices, and tiny end-to-end runs."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from defectscope import load
+from defectscope.data import ImageDataset, iterate_batches, mvtec_samples
+from defectscope.errors import DefectscopeError
+from defectscope.methods.ddad import DDAD
+from defectscope.methods.glad import GLAD
+from defectscope.nn import diffusion as dm
+from defectscope.postprocess import gaussian_blur
+
+pytest.importorskip("diffusers", reason="diffusers is not installed (pip install defectscope[diffusion])")
+
+TINY = {"image_size": 32, "unet": "tiny", "epochs": 2, "steps": 3, "batch_size": 4, "time_budget": None}
+
+
+def _oracle(x0: torch.Tensor, abar: torch.Tensor) -> dm.NoiseModel:
+    """A noise model that knows the clean image: its prediction always leads exactly back to ``x0``."""
+    def predict(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = dm.gather_abar(abar, t)
+        return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+    return predict
+
+
+@pytest.fixture(scope="module")
+def abar() -> torch.Tensor:
+    return dm.alphas_cumprod()
+
+
+@pytest.fixture(scope="module")
+def test_batch(example_root: Path) -> dict:
+    samples = mvtec_samples(example_root, "test")
+    return next(iterate_batches(ImageDataset(samples[:2] + samples[-2:], 32), 4))
+
+
+@pytest.fixture(scope="module")
+def ddad(example_root: Path) -> DDAD:
+    return DDAD(**TINY, da_epochs=1, da_images=4).fit(mvtec_samples(example_root, "train")[:9])
+
+
+@pytest.fixture(scope="module")
+def glad(example_root: Path) -> GLAD:
+    return GLAD(**TINY).fit(mvtec_samples(example_root, "train")[:9])
+
+
+# -- formulas ------------------------------------------------------------------------------------
+def test_schedule_is_ddads_linear_ddpm_schedule(abar: torch.Tensor) -> None:
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    torch.testing.assert_close(abar.double(), torch.cumprod(1 - betas, 0), rtol=1e-5, atol=1e-7)
+    assert dm.ddim_timesteps(torch.tensor([250]), 10)[:, 0].tolist() == [249, 224, 199, 174, 149, 124, 99, 74, 49, 24, -1]
+    assert dm.gather_abar(abar, torch.tensor([-1, 0])).flatten().tolist() == [1.0, pytest.approx(1 - 1e-4)]
+
+
+def test_conditioned_noise_formula_with_a_constant_noise_model() -> None:
+    eps = torch.full((1, 3, 2, 2), 0.5)  # what a stub model returning a constant predicts
+    x_t, y = torch.full((1, 3, 2, 2), 0.2), torch.full((1, 3, 2, 2), -0.4)
+    a = torch.full((1, 1, 1, 1), 0.64)  # sqrt(abar) = 0.8, sqrt(1 - abar) = 0.6
+    # y_t = 0.8 * -0.4 + 0.6 * 0.5 = -0.02; eps_hat = 0.5 - w * 0.6 * (-0.02 - 0.2) = 0.5 + 0.132 w
+    for w, expected in ((0.0, 0.5), (1.0, 0.632), (4.0, 1.028)):
+        torch.testing.assert_close(dm.conditioned_noise(eps, x_t, y, a, w), torch.full_like(eps, expected))
+    # where x_t is already the target noised with the predicted noise, there is nothing to correct
+    on_target = dm.add_noise(y, eps, a)
+    torch.testing.assert_close(dm.conditioned_noise(eps, on_target, y, a, 4.0), eps)
+
+
+def test_conditioning_pulls_the_reconstruction_towards_the_target(abar: torch.Tensor) -> None:
+    """A model whose prior is a grey image reconstructs grey; w pulls the result towards the input."""
+    grey = torch.zeros(1, 3, 8, 8)
+    y = torch.linspace(-1, 1, 3 * 64).reshape(1, 3, 8, 8)
+    errors = [(dm.ddim_denoise(_oracle(grey, abar), y, 250, 10, abar, w=w) - y).abs().mean().item()
+              for w in (0.0, 1.0, 4.0)]
+    assert errors[0] == pytest.approx(y.abs().mean().item(), rel=1e-4)  # w = 0: the prior's grey image
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_ddim_step_matches_diffusers_and_recovers_the_clean_image(abar: torch.Tensor) -> None:
+    diffusers = pytest.importorskip("diffusers")
+    generator = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 3, 4, 4, generator=generator), torch.randn(2, 3, 4, 4, generator=generator)
+    a_t, a_prev = abar[500].view(1, 1, 1, 1), abar[400].view(1, 1, 1, 1)
+    x_t = dm.add_noise(x0, eps, a_t)
+    # with the true noise a deterministic step lands on the clean image noised to the earlier level
+    torch.testing.assert_close(dm.ddim_step(x_t, eps, a_t, a_prev), dm.add_noise(x0, eps, a_prev))
+    torch.testing.assert_close(dm.ddim_step(x_t, eps, a_t, torch.ones_like(a_t)), x0, atol=1e-5, rtol=1e-5)
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                                         clip_sample=False)
+    scheduler.set_timesteps(10)
+    other = torch.randn(2, 3, 4, 4, generator=generator)  # any model output
+    expected = scheduler.step(other, 500, x_t, eta=0.0).prev_sample
+    torch.testing.assert_close(dm.ddim_step(x_t, other, a_t, a_prev), expected, atol=1e-5, rtol=1e-5)
+    # eta = 1: the DDPM posterior variance (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    sigma = ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+    shift = dm.ddim_step(x_t, eps, a_t, a_prev, eta=1.0, noise=torch.ones_like(x0)) - dm.ddim_step(
+        x_t, eps, a_t, a_prev, eta=1.0, noise=torch.zeros_like(x0))
+    torch.testing.assert_close(shift, sigma.expand_as(shift))
+
+
+def test_ddim_denoise_recovers_the_image_from_any_start_and_is_batch_independent(abar: torch.Tensor) -> None:
+    y = torch.rand(3, 3, 8, 8) * 2 - 1
+    out = dm.ddim_denoise(_oracle(y, abar), y, torch.tensor([400, 250, 3]), 10, abar, w=2.0)
+    torch.testing.assert_close(out, y, atol=1e-4, rtol=1e-4)
+    model = _oracle(torch.zeros(1, 3, 8, 8), abar)
+    whole = dm.ddim_denoise(model, y, 250, 5, abar, w=1.0, eta=1.0, seed=3)
+    alone = dm.ddim_denoise(model, y[1:2], 250, 5, abar, w=1.0, eta=1.0, seed=3)
+    torch.testing.assert_close(whole[1:2], alone)
+
+
+def test_anomaly_noise_target_leads_back_to_the_normal_image(abar: torch.Tensor) -> None:
+    generator = torch.Generator().manual_seed(1)
+    normal, eps = torch.randn(1, 3, 6, 6, generator=generator), torch.randn(1, 3, 6, 6, generator=generator)
+    anomalous = normal.clone()
+    anomalous[..., 2:4, 2:4] += 1.5
+    a = abar[300].view(1, 1, 1, 1)
+    target = dm.anomaly_noise_target(eps, anomalous, normal, a)
+    x_t = dm.add_noise(anomalous, eps, a)
+    torch.testing.assert_close(dm.predicted_x0(x_t, target, a), normal, atol=1e-5, rtol=1e-5)
+    outside = torch.ones(6, 6, dtype=torch.bool)
+    outside[2:4, 2:4] = False
+    assert torch.equal(target[..., outside], eps[..., outside])  # plain Gaussian noise where the image is normal
+
+
+def test_spatial_fusion_keeps_the_input_where_the_mask_is_zero() -> None:
+    inputs, recon = torch.zeros(1, 3, 4, 4), torch.ones(1, 3, 4, 4)
+    mask = torch.zeros(1, 4, 4)
+    mask[:, :, 2:] = 1.0
+    mask[:, 0, 0] = 0.25
+    fused = dm.spatial_fusion(inputs, recon, mask)
+    assert torch.equal(fused[:, :, :, :2][..., 1:, :], inputs[:, :, 1:, :2])
+    assert torch.equal(fused[:, :, :, 2:], recon[:, :, :, 2:])
+    assert fused[0, :, 0, 0].tolist() == [0.25] * 3
+    assert dm.spatial_fusion(inputs, recon, torch.ones(1, 2, 2)).eq(1).all()  # a coarse mask is resized
+
+
+def test_adaptive_steps_grow_with_the_distance_to_the_prior_within_the_range() -> None:
+    scores = torch.tensor([0.0, 1.0, 1.5, 2.0, 3.0, 50.0])
+    steps = dm.adaptive_steps(scores, low=1.0, high=3.0, t_min=100, t_max=400)
+    assert steps.tolist() == [100, 100, 175, 250, 400, 400]
+    mask = dm.fusion_mask(torch.tensor([[[0.1, 0.2, 0.35, 0.5, 0.9]]]), low=0.2, high=0.5)
+    torch.testing.assert_close(mask, torch.tensor([[[0.0, 0.0, 0.5, 1.0, 1.0]]]))
+
+
+def test_feature_distance_and_map_combination() -> None:
+    a = torch.zeros(1, 2, 4, 4)
+    a[:, 0] = 1.0
+    b = torch.zeros(1, 2, 4, 4)
+    b[:, 1] = 1.0
+    df = dm.feature_distance([a, a], [a, b], (8, 8), pool=1)  # layer 1 identical, layer 2 orthogonal
+    torch.testing.assert_close(df, torch.ones(1, 8, 8))
+    dp = dm.pixel_distance(torch.zeros(1, 3, 8, 8), torch.full((1, 3, 8, 8), 0.5))
+    torch.testing.assert_close(dm.combine_distances(dp, df, v=2.0, ratio=3.0, sigma=0), torch.full((1, 8, 8), 4.0))
+
+
+def test_missing_diffusers_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # what an environment without it looks like
+    with pytest.raises(DefectscopeError, match=r"pip install defectscope\[diffusion\]"):
+        dm.build_unet("tiny", 32)
+
+
+# -- the methods -----------------------------------------------------------------------------------
+def test_glad_chooses_larger_steps_for_images_far_from_the_prior(glad: GLAD, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a prior that is a mid-grey image, the further an image is from grey, the later its start step."""
+    monkeypatch.setattr(glad, "noise_model", lambda: _oracle(torch.zeros(1, 3, 32, 32), glad.abar))
+    monkeypatch.setattr(glad, "probe_distance", "pixel")
+    monkeypatch.setattr(glad, "_stats", torch.tensor([0.1, 0.5, 0.0, 1.0]))
+    images = torch.stack([torch.full((3, 32, 32), 0.5 + d) for d in (0.0, 0.05, 0.1, 0.15, 0.3)])
+    steps = glad.adaptive_steps(images).tolist()  # discrepancies 2d in model space: 0, 0.1, 0.2, 0.3, 0.6
+    assert steps == [100, 100, 175, 250, 400]
+    assert glad.step_range == (100, 400)
+    # the default feature-space probe: a flat grey image is the prior itself, a textured one is far from it
+    monkeypatch.setattr(glad, "probe_distance", "feature")
+    flat, textured = torch.full((3, 32, 32), 0.5), torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    d, score = glad._probe(torch.stack([flat, textured]) * 2 - 1, torch.stack([flat, textured]))
+    assert d[0].abs().max() < 1e-5 < score[1]
+
+
+def test_glad_fusion_keeps_normal_regions_of_the_input(glad: GLAD, monkeypatch: pytest.MonkeyPatch) -> None:
+    images = torch.rand(2, 3, 32, 32)
+    stats = glad.stats.clone()
+    monkeypatch.setattr(glad, "_stats", torch.tensor([stats[0], stats[1], 1e3, 2e3]))  # mask 0 everywhere
+    torch.testing.assert_close(glad.reconstruct(images), images, atol=1e-5, rtol=0)
+    monkeypatch.setattr(glad, "_stats", torch.tensor([stats[0], stats[1], -2.0, -1.0]))  # mask 1 everywhere
+    t_start = glad.adaptive_steps(images)
+    plain = dm.ddim_denoise(glad.noise_model(), images * 2 - 1, t_start, glad.steps, glad.abar, seed=glad.seed)
+    torch.testing.assert_close(glad.reconstruct(images), ((plain + 1) / 2).clamp(0, 1))
+
+
+@pytest.mark.parametrize("name", ["ddad", "glad"])
+def test_fit_predict_save_load(name: str, request: pytest.FixtureRequest, test_batch: dict, tmp_path: Path) -> None:
+    det = request.getfixturevalue(name)
+    pred = det.predict(test_batch)
+    assert pred.scores.shape == (4,) and pred.maps.shape == (4, 32, 32) and torch.isfinite(pred.maps).all()
+    assert pred.reconstructions is not None and pred.reconstructions.shape == (4, 3, 32, 32)
+    assert 0 <= pred.reconstructions.min() and pred.reconstructions.max() <= 1
+    torch.testing.assert_close(det.reconstruct(test_batch["image"]), pred.reconstructions)
+    alone = det.predict(test_batch["image"][2:3])  # a score does not depend on the rest of the batch
+    torch.testing.assert_close(alone.scores, pred.scores[2:3], atol=1e-5, rtol=1e-5)
+    assert det.fit_info["train_steps"] == 4 and det.calibration is not None
+    loaded = load(det.save(tmp_path / name))
+    again = loaded.predict(test_batch)
+    torch.testing.assert_close(again.scores, pred.scores)
+    torch.testing.assert_close(again.maps, pred.maps)
+
+
+def test_ddad_adapts_its_feature_extractor_and_keeps_it(ddad: DDAD, tmp_path: Path) -> None:
+    assert ddad.fit_info["domain_adaptation"]["images"] == 4
+    changed = [not torch.equal(a, b) for a, b in zip(ddad.feature_extractor.state_dict().values(),
+                                                      ddad.extractor.state_dict().values())]
+    assert any(changed)
+    loaded = load(ddad.save(tmp_path / "ddad"))
+    for key, value in ddad.feature_extractor.state_dict().items():
+        assert torch.equal(loaded.feature_extractor.state_dict()[key], value), key
+
+
+def test_baseline_is_plain_ddim_with_the_pixel_distance(ddad: DDAD, test_batch: dict,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ddad, "w", 0.0)
+    monkeypatch.setattr(ddad, "distance", "pixel")
+    images = test_batch["image"]
+    plain = dm.ddim_denoise(ddad.noise_model(), images * 2 - 1, ddad.t_start, ddad.steps, ddad.abar, seed=ddad.seed)
+    recon = ((plain + 1) / 2).clamp(0, 1)
+    torch.testing.assert_close(ddad.reconstruct(images), recon)
+    expected = gaussian_blur((images - recon).abs().mean(1), ddad.blur_sigma)
+    torch.testing.assert_close(ddad.predict(images).maps, expected)
+
+
+def test_bad_settings_are_clear_errors() -> None:
+    with pytest.raises(DefectscopeError, match="unknown unet"):
+        DDAD(unet="huge")
+    with pytest.raises(DefectscopeError, match="step_range"):
+        GLAD(step_range=(400, 100))
+    with pytest.raises(DefectscopeError, match="distance"):
+        DDAD(distance="l2")
+    with pytest.raises(DefectscopeError, match="probe_distance"):
+        GLAD(probe_distance="l2")
+
+
+def test_glad_accepts_a_pretrained_unet_and_autoencoder(example_root: Path, tmp_path: Path) -> None:
+    """A user's diffusers folders: GLAD fine-tunes the UNet in the autoencoder's latent space and round-trips."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                                  sample_size=32)
+    vae.save_pretrained(tmp_path / "vae")
+    unet = dm.build_unet("tiny", 16, channels=4)
+    unet.save_pretrained(tmp_path / "unet")
+    det = GLAD(**TINY | {"epochs": 1}, pretrained_unet=str(tmp_path / "unet"), pretrained_vae=str(tmp_path / "vae"))
+    det.fit(mvtec_samples(example_root, "train")[:5])
+    images = torch.rand(2, 3, 32, 32)
+    pred = det.predict(images)
+    assert pred.maps.shape == (2, 32, 32) and pred.reconstructions.shape == (2, 3, 32, 32)
+    loaded = load(det.save(tmp_path / "run"))
+    torch.testing.assert_close(loaded.predict(images).scores, pred.scores)
+    with pytest.raises(DefectscopeError, match="channels"):
+        GLAD(**TINY, pretrained_unet=str(tmp_path / "unet")).fit(mvtec_samples(example_root, "train")[:3])
