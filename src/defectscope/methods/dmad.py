@@ -17,7 +17,7 @@ One model for one or many categories, from good images alone or with a few label
   patches: synthetic ones, labelled ones, and pseudo-anomalies by *feature fusion* (normal
   features moved part of the way toward anomalous ones).
 
-Two choices go beyond the paper, both measured on mtd (figures in the issue 5 DMAD note): a synthetic anomaly
+Two choices go beyond the paper, both measured on mtd (figures in BENCHMARKS.md): a synthetic anomaly
 whose patch is no farther from the normal bank than 90 % of normal patches (its category's
 ``visible_quantile``) is not used (the image changed, its features did not: a wrong label); and
 the MLP output is a bounded correction (``correction_bound`` logits) to a score anchored on the
