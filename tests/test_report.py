@@ -152,3 +152,15 @@ def test_curves_are_thinned_but_lie_on_the_exact_curves() -> None:
     on_curve = {(a, b) for a, b in zip(fpr, tpr)}
     assert all((a, b) in on_curve for a, b in zip(x, y))
     assert np.all(np.diff(x) >= 0) and np.all(np.diff(y) >= 0)
+
+
+def test_report_shows_reconstructions_of_reconstruction_methods(example_root: Path, tmp_path: Path) -> None:
+    from defectscope.cli import main
+    from defectscope.methods.draem import DRAEM
+
+    DRAEM(image_size=64, base_channels=4, disc_channels=4, epochs=1, batch_size=8).fit(example_root).save(tmp_path / "run")
+    assert main(["test", str(tmp_path / "run"), str(example_root), "--out", str(tmp_path / "t")]) == 0
+    page = (tmp_path / "t" / "report.html").read_text()
+    shown = sorted((tmp_path / "t" / "overlays" / "reconstructions").iterdir())
+    assert len(shown) == 17 and page.count('src="overlays/reconstructions/') == 17
+    assert "the model's reconstruction" in page
