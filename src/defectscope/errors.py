@@ -19,3 +19,7 @@ class WeightsError(DefectscopeError):
 
 class ModelFileError(DefectscopeError):
     """A saved run folder is missing, truncated, tampered with or of an unknown kind."""
+
+
+class OutputError(DefectscopeError):
+    """A result cannot be written where it was asked for, or would replace the user's own files."""
