@@ -23,7 +23,7 @@ def test_fit_writes_model(run: Path) -> None:
     config = json.loads((run / "config.json").read_text())
     assert config["params"]["backbone"] == "mobilenet_v2" and config["params"]["num_neighbors"] == 5
     assert config["calibration"]["threshold"] > 0
-    assert Path(config["fit_info"]["data"]).name == "bottle_small"
+    assert [Path(d).name for d in config["run"]["data"]] == ["bottle_small"]
 
 
 def test_test_writes_metrics_csv_and_overlays(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -45,7 +45,7 @@ def test_predict_json_csv_and_heatmaps(run: Path, example_root: Path, tmp_path: 
     records = json.loads(capsys.readouterr().out)
     assert len(records) == len(list(good.iterdir())) + 1
     assert records[-1]["verdict"] == "anomalous"
-    assert all(Path(r["heatmap"]).is_file() for r in records)
+    assert all(Path(r["overlay"]).is_file() for r in records)
     assert main(["predict", str(run), str(bad), "--format", "csv", "--out", str(tmp_path / "p.csv")]) == 0
     rows = list(csv.DictReader(open(tmp_path / "p.csv")))
     assert rows[0]["verdict"] == "anomalous" and float(rows[0]["normalized_score"]) > 1.0

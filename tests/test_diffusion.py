@@ -190,20 +190,16 @@ def test_glad_fusion_keeps_normal_regions_of_the_input(glad: GLAD, monkeypatch: 
 
 
 @pytest.mark.parametrize("name", ["ddad", "glad"])
-def test_fit_predict_save_load(name: str, request: pytest.FixtureRequest, test_batch: dict, tmp_path: Path) -> None:
+def test_reconstructions_and_batch_independent_scores(name: str, request: pytest.FixtureRequest,
+                                                      test_batch: dict) -> None:
     det = request.getfixturevalue(name)
     pred = det.predict(test_batch)
-    assert pred.scores.shape == (4,) and pred.maps.shape == (4, 32, 32) and torch.isfinite(pred.maps).all()
     assert pred.reconstructions is not None and pred.reconstructions.shape == (4, 3, 32, 32)
     assert 0 <= pred.reconstructions.min() and pred.reconstructions.max() <= 1
     torch.testing.assert_close(det.reconstruct(test_batch["image"]), pred.reconstructions)
     alone = det.predict(test_batch["image"][2:3])  # a score does not depend on the rest of the batch
     torch.testing.assert_close(alone.scores, pred.scores[2:3], atol=1e-5, rtol=1e-5)
-    assert det.fit_info["train_steps"] == 4 and det.calibration is not None
-    loaded = load(det.save(tmp_path / name))
-    again = loaded.predict(test_batch)
-    torch.testing.assert_close(again.scores, pred.scores)
-    torch.testing.assert_close(again.maps, pred.maps)
+    assert det.fit_info["train_steps"] == 4
 
 
 def test_ddad_adapts_its_feature_extractor_and_keeps_it(ddad: DDAD, tmp_path: Path) -> None:

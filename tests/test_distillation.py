@@ -111,19 +111,9 @@ def test_grey_opening_removes_small_peaks_and_keeps_blobs() -> None:
 
 # -- every method -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(SETTINGS))
-def test_fit_predict_save_load(name: str, fitted: dict, test_images: dict) -> None:
-    det, run = fitted[name]
-    images = test_images["image"][:5]
-    pred = det.predict(images)
-    assert pred.maps.shape == (5, SIZE, SIZE) and pred.scores.shape == (5,)
-    assert torch.isfinite(pred.scores).all() and torch.isfinite(pred.maps).all()
-    training = det.fit_info["training"]
+def test_training_runs_all_epochs(name: str, fitted: dict) -> None:
+    training = fitted[name][0].fit_info["training"]
     assert training["epochs_done"] == 2 and training["stopped_by"] == "epochs" and training["seconds"] > 0
-    again = load(run)
-    assert type(again) is type(det) and again.get_params() == det.get_params()
-    other = again.predict(images)
-    assert torch.equal(pred.scores, other.scores) and torch.equal(pred.maps, other.maps)
-    assert pred.threshold == other.threshold is not None
 
 
 @pytest.mark.parametrize("name", list(SETTINGS))

@@ -1,13 +1,12 @@
 """DMAD: unsupervised, semi-supervised (labelled defects) and unified fits, save/load, leave-one-out matching."""
 
 import dataclasses
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from defectscope import PatchCore, load
+from defectscope import PatchCore
 from defectscope.data import ImageDataset, iterate_batches, mvtec_samples
 from defectscope.errors import DefectscopeError
 from defectscope.evaluate import evaluate
@@ -32,7 +31,7 @@ def unsupervised(example_root: Path) -> DMAD:
     return DMAD(**SMALL).fit(example_root)
 
 
-def test_unsupervised_fit_scores_and_roundtrip(unsupervised: DMAD, split: tuple[list, list], tmp_path: Path) -> None:
+def test_unsupervised_fit_fills_both_banks_and_scores(unsupervised: DMAD, split: tuple[list, list]) -> None:
     det = unsupervised
     info = det.fit_info
     assert info["normal_bank_size"] == det.normal_bank.shape[0] > 0
@@ -40,14 +39,6 @@ def test_unsupervised_fit_scores_and_roundtrip(unsupervised: DMAD, split: tuple[
     assert info["training"]["epochs_done"] == 3
     metrics = evaluate(det, split[1]).metrics
     assert metrics["image_auroc"] >= 0.95 and metrics["pixel_auroc"] >= 0.93
-
-    run = det.save(tmp_path / "dmad")
-    assert json.loads((run / "config.json").read_text())["method"] == "dmad"
-    again = load(run)
-    images = next(iterate_batches(ImageDataset(split[1][:4], 64), 4))["image"]
-    a, b = det.predict(images), again.predict(images)
-    assert a.scores.shape == (4,) and a.maps.shape == (4, 64, 64)
-    assert torch.equal(a.scores, b.scores) and torch.equal(a.maps, b.maps) and a.threshold == b.threshold
 
 
 def test_labelled_defects_grow_the_anomaly_bank(unsupervised: DMAD, split: tuple[list, list],

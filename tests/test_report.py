@@ -106,7 +106,7 @@ def test_report_holds_metrics_curves_and_every_image(tested: Path) -> None:
     assert len(parser.cards) == len(rows) and scores == sorted(scores, reverse=True)
     wrong = {"fp": 0, "fn": 0}
     for row in rows:
-        judged, label = row["anomalous"] == "True", int(row["label"])
+        judged, label = row["verdict"] == "anomalous", int(row["label"])
         if judged != bool(label):
             wrong["fp" if judged else "fn"] += 1
     flagged = [c["class"].split()[1] for c in parser.cards]

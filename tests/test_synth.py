@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from defectscope.cli import main
-from defectscope.cli_synth import changed_pixels, round_robin, to_uint8
+from defectscope.runs.synthesis import changed_pixels, round_robin, to_uint8
 from defectscope.data import ImageDataset, mvtec_samples
 from defectscope.data.synth import (
     KINDS,
@@ -211,7 +211,7 @@ def test_cli_croppaste_and_errors(example_root: Path, tmp_path: Path, capsys: py
     for argv, needle in [
         (["--kind", "croppaste"], "needs --defects"),
         (["--kind", "scar", "--textures", str(tmp_path)], "--textures is used by --kind perlin only"),
-        (["--kind", "perlin", "--count", "0"], "--count must be at least 1"),
+        (["--kind", "perlin", "--count", "0"], "--count: must be at least 1"),
     ]:
         full = ["synth", str(example_root), "--count", "1", "--out", str(tmp_path / "x"), *argv]
         assert main(full) == 2

@@ -17,6 +17,39 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 
-from .methods import METHODS, SPADE, Detector, PaDiM, PatchCore, Prediction, load  # noqa: E402
+from .methods import (  # noqa: E402
+    DDAD,
+    DMAD,
+    DRAEM,
+    GLAD,
+    METHODS,
+    MKD,
+    SPADE,
+    Detector,
+    PaDiM,
+    ParamSpec,
+    PatchCore,
+    Prediction,
+    ReverseDistillation,
+    UninformedStudents,
+    load,
+)
 
-__all__ = ["METHODS", "SPADE", "Detector", "PaDiM", "PatchCore", "Prediction", "__version__", "load"]
+__all__ = [
+    "DDAD",
+    "DMAD",
+    "DRAEM",
+    "GLAD",
+    "METHODS",
+    "MKD",
+    "SPADE",
+    "Detector",
+    "PaDiM",
+    "ParamSpec",
+    "PatchCore",
+    "Prediction",
+    "ReverseDistillation",
+    "UninformedStudents",
+    "__version__",
+    "load",
+]

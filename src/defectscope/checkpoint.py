@@ -1,9 +1,10 @@
 """Training checkpoints as JSON + safetensors: module weights, optimizer state and progress.
 
 A checkpoint is a folder with ``checkpoint.json`` and ``checkpoint.safetensors``. Both are written
-under temporary names and renamed (tensors first, JSON last, the JSON holding the tensors'
-sha256), so a crash or Ctrl-C at any moment leaves the previous checkpoint readable. Nothing is
-pickled: optimizer states are flattened into named tensors plus JSON.
+in full under temporary names, fsynced, and only then renamed (tensors first, JSON last, the JSON
+holding the tensors' sha256), so a crash, a Ctrl-C or a full disk at any moment leaves the
+previous checkpoint readable and no temporary file behind. Nothing is pickled: optimizer states
+are flattened into named tensors plus JSON.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import ModelFileError
+from .outputs import StagedFiles, make_folder
 
 CHECKPOINT_JSON = "checkpoint.json"
 CHECKPOINT_TENSORS = "checkpoint.safetensors"
@@ -60,17 +63,32 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any], 
     return {"state": state, "param_groups": groups}
 
 
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' ``save_file`` (contiguous CPU copies), its I/O failures raised as OSError."""
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    except SafetensorError as exc:
+        if "I/O error" not in str(exc):
+            raise
+        code = re.search(r"os error (\d+)", str(exc))
+        if code:
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from None
+        raise OSError(str(exc)) from None
+
+
 def save_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    """Atomically replace the checkpoint in ``folder`` with ``tensors`` and ``meta``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp_tensors = folder / (CHECKPOINT_TENSORS + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp_tensors))
-    record = {**meta, "tensors_sha256": sha256_file(tmp_tensors)}
-    tmp_json = folder / (CHECKPOINT_JSON + ".tmp")
-    tmp_json.write_text(json.dumps(record, indent=2) + "\n")
-    # The JSON names the tensors' hash, so a crash between the two renames is detected on load.
-    os.replace(tmp_tensors, folder / CHECKPOINT_TENSORS)
-    os.replace(tmp_json, folder / CHECKPOINT_JSON)
+    """Atomically replace the checkpoint in ``folder`` with ``tensors`` and ``meta``.
+
+    Raises :class:`~defectscope.errors.OutputError` when it cannot be written; the previous
+    checkpoint is then unchanged.
+    """
+    make_folder(folder, "the checkpoint")
+    with StagedFiles() as staged:
+        tmp_tensors = staged.stage_with(folder / CHECKPOINT_TENSORS, lambda tmp: write_safetensors(tensors, tmp))
+        record = {**meta, "tensors_sha256": sha256_file(tmp_tensors)}
+        staged.stage(folder / CHECKPOINT_JSON, json.dumps(record, indent=2) + "\n")
+        # The JSON names the tensors' hash, so a crash between the two renames is detected on load.
+        staged.commit()
 
 
 def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:

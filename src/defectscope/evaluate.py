@@ -10,9 +10,11 @@ import numpy as np
 
 from .data import ImageDataset, Sample, iterate_batches
 from .methods.base import Detector, Prediction
-from .metrics import compute_metrics_and_curves
+from .metrics import assess
+from .records import Record
 
-BatchCallback = Callable[[dict[str, Any], Prediction], None]
+#: Sees each batch with its prediction; may return the overlay path written for each image.
+BatchCallback = Callable[[dict[str, Any], Prediction], "list[str | None] | None"]
 
 
 @dataclass
@@ -24,7 +26,7 @@ class Evaluation:
     """
 
     metrics: dict[str, float]
-    records: list[dict[str, Any]]
+    records: list[Record]
     images_per_second: float
     notes: list[str] = field(default_factory=list)
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
@@ -42,36 +44,35 @@ def evaluate(detector: Detector, samples: list[Sample], batch_size: int | None =
     labels, scores, records = [], [], []
     maps, masks, has_mask = [], [], []
     start = time.perf_counter()
+    threshold = detector.calibration.threshold if detector.calibration else None
     for batch in iterate_batches(dataset, batch_size or detector.batch_size, desc="testing"):
         pred = detector.predict(batch["image"])
-        if on_batch is not None:
-            on_batch(batch, pred)
+        written = on_batch(batch, pred) if on_batch is not None else None
         labels.append(batch["label"].numpy())
         scores.append(pred.scores.numpy())
         maps.append(pred.maps.numpy().astype(np.float32))
         masks.append(batch["mask"].numpy())
         has_mask.append(batch["has_mask"].numpy())
-        verdicts = pred.verdicts.tolist() if pred.threshold is not None else [None] * len(batch["path"])
         for i, path in enumerate(batch["path"]):
-            records.append({
-                "path": path, "category": batch["category"][i], "defect_type": batch["defect_type"][i],
-                "label": int(batch["label"][i]), "score": float(pred.scores[i]),
-                "anomalous": verdicts[i], "max_pixel_score": float(pred.maps[i].max()),
-            })
+            record = Record.of(path, batch["category"][i], float(pred.scores[i]), float(pred.maps[i].max()),
+                               threshold, label=int(batch["label"][i]), defect_type=batch["defect_type"][i])
+            record.overlay = written[i] if written else None
+            records.append(record)
     elapsed = time.perf_counter() - start
     y, s = np.concatenate(labels), np.concatenate(scores)
     notes: list[str] = []
-    metrics: dict[str, float] = {}
-    curves: dict = {}
-    if len(np.unique(y)) < 2:
-        only = "defective" if y.size and y[0] == 1 else "good"
-        notes.append(f"ranking metrics skipped: they need good and defective images, all {y.size} are {only}")
-    elif np.concatenate(has_mask).all():
-        metrics, curves = compute_metrics_and_curves(y, s, np.concatenate(masks), np.concatenate(maps))
-    else:
-        metrics, curves = compute_metrics_and_curves(y, s)
-        notes.append("pixel metrics skipped: some defect images have no ground-truth mask (image-level only)")
-    if detector.calibration is not None:
-        judged = np.array([r["anomalous"] for r in records], dtype=bool)
+    trusted = np.array([r.verdict != "error" for r in records], dtype=bool)
+    if not trusted.all():
+        notes.append(f"{int((~trusted).sum())} image(s) got the verdict error (non-finite score) and are left out "
+                     "of the metrics")
+        y, s = y[trusted], s[trusted]
+        keep = np.flatnonzero(trusted)
+        maps, masks, has_mask = [np.concatenate(maps)[keep]], [np.concatenate(masks)[keep]], [np.concatenate(has_mask)[keep]]
+    names = [r.path for r, ok in zip(records, trusted) if ok]
+    metrics, curves, metric_notes = assess(y, s, np.concatenate(masks), np.concatenate(maps),
+                                           np.concatenate(has_mask), names)
+    notes += metric_notes
+    if threshold is not None and y.size:
+        judged = np.array([r.verdict == "anomalous" for r in records if r.verdict != "error"], dtype=bool)
         metrics["accuracy_at_threshold"] = float((judged == (y == 1)).mean())
     return Evaluation(metrics, records, len(samples) / elapsed if elapsed > 0 else float("nan"), notes, curves)

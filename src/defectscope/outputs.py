@@ -19,7 +19,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 from .errors import OutputError
 
@@ -85,6 +85,103 @@ def atomic_save_image(path: str | os.PathLike[str], image: Any, **save_kwargs: A
     image.save(buffer, format=fmt, **save_kwargs)
     return atomic_write(path, buffer.getvalue())
 
+
+
+class StagedFiles:
+    """Files replaced together: each is first written in full to a temporary file next to it
+    (flushed, fsynced, given :data:`FILE_MODE` less the umask), then :meth:`commit` renames them
+    over their targets in the order they were staged.
+
+    Until the commit every target keeps its earlier content, and on any error, or when the
+    ``with`` block is left without committing, the temporary files are removed. Where one file
+    records another's hash (a model's config and its tensors), stage the recorded file first.
+    """
+
+    def __init__(self) -> None:
+        self._staged: list[tuple[Path, Path]] = []
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.discard()
+
+    def stage(self, path: str | os.PathLike[str], data: bytes | str | Callable[[IO[bytes]], None]) -> Path:
+        """Write ``data`` (as for :func:`atomic_write`) to a temporary file for ``path``; returns its path."""
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
+                if callable(data):
+                    data(handle)
+                else:
+                    handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+
+        return self.stage_with(path, write)
+
+    def stage_with(self, path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+        """Let ``write(tmp)`` fill a temporary file for ``path`` by name (for libraries that only
+        write to a file name); an OSError from it becomes an :class:`OutputError` naming ``path``."""
+        path = Path(path)
+        try:
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            tmp = Path(name)
+            self._staged.append((tmp, path))
+            write(tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.chmod(tmp, FILE_MODE & ~_umask())
+        except OSError as exc:
+            self.discard()
+            raise OutputError(f"{path}: cannot write ({_describe(exc)}); any earlier file there is unchanged") from None
+        return tmp
+
+    def commit(self) -> None:
+        """Rename every staged file over its target, in order, syncing the folder after each."""
+        while self._staged:
+            tmp, path = self._staged[0]
+            try:
+                os.replace(tmp, path)
+            except OSError as exc:
+                self.discard()
+                raise OutputError(f"{path}: cannot replace ({_describe(exc)})") from None
+            self._staged.pop(0)
+            fsync_dir(path.parent)
+
+    def discard(self) -> None:
+        """Remove the temporary files not committed yet."""
+        for tmp, _ in self._staged:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        self._staged.clear()
+
+
+def make_folder(folder: str | os.PathLike[str], what: str) -> Path:
+    """Create ``folder`` and its parents if needed; an :class:`OutputError` naming it when that fails."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot create the folder for {what} ({_describe(exc)})") from None
+    return folder
+
+def fsync_dir(folder: Path) -> None:
+    """Make renames in ``folder`` durable (best effort: some file systems cannot sync a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 def json_safe(value: Any) -> Any:
     """``value`` with non-finite floats replaced by None, recursively (JSON has no NaN)."""

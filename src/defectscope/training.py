@@ -25,8 +25,9 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import flatten_optimizer, load_checkpoint, save_checkpoint, unflatten_optimizer
-from .data.dataset import ItemSource, iterate_batches
+from .data.dataset import Batch, ItemSource, iterate_batches
 from .errors import DefectscopeError
+from .nn.state import under_prefix, with_prefix
 from .progress import progress_enabled
 
 StepResult = torch.Tensor | dict[str, torch.Tensor]
@@ -44,6 +45,14 @@ class TrainingLog:
     resumed_from_epoch: int | None = None
 
 
+def check_schedule(epochs: int, time_budget: float | None) -> None:
+    """``epochs`` is at least 1 and ``time_budget`` positive seconds or None (no limit)."""
+    if epochs < 1:
+        raise DefectscopeError(f"epochs must be at least 1, got {epochs}")
+    if time_budget is not None and time_budget <= 0:
+        raise DefectscopeError(f"time_budget must be positive seconds or None, got {time_budget}")
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """The torch seed of one epoch (independent of how many epochs ran before in this process)."""
     return int(np.random.default_rng([seed, epoch, 7]).integers(2**62))
@@ -57,10 +66,7 @@ class Trainer:
                  resume: bool = False, identity: dict[str, Any] | None = None, checkpoint_every: float = 30.0,
                  lr_schedule: Callable[[int], float] | None = None, desc: str = "training",
                  max_grad_norm: float | None = None) -> None:
-        if epochs < 1:
-            raise DefectscopeError(f"epochs must be at least 1, got {epochs}")
-        if time_budget is not None and time_budget <= 0:
-            raise DefectscopeError(f"time_budget must be positive seconds (or None), got {time_budget}")
+        check_schedule(epochs, time_budget)
         self.modules = modules
         self.optimizer = optimizer
         self.epochs = epochs
@@ -81,7 +87,7 @@ class Trainer:
             return
         tensors: dict[str, torch.Tensor] = {}
         for name, module in self.modules.items():
-            tensors.update({f"module.{name}.{k}": v for k, v in module.state_dict().items()})
+            tensors.update(with_prefix(f"module.{name}", module))
         optim_tensors, optim_meta = flatten_optimizer(self.optimizer.state_dict(), "optimizer")
         tensors.update(optim_tensors)
         meta = {"identity": self.identity, "epoch": log.epochs_done, "epochs_planned": self.epochs,
@@ -110,8 +116,7 @@ class Trainer:
                 f"than this run ({self.identity}); use the same settings or delete the folder to start over")
         try:
             for name, module in self.modules.items():
-                prefix = f"module.{name}."
-                module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+                module.load_state_dict(under_prefix(tensors, f"module.{name}"))
             self.optimizer.load_state_dict(unflatten_optimizer(tensors, meta["optimizer"], "optimizer"))
         except (KeyError, RuntimeError, ValueError) as exc:
             raise DefectscopeError(f"{self.checkpoint_dir}: checkpoint does not fit this model ({exc})") from None
@@ -216,6 +221,8 @@ class CachedImages:
 
 
 class _Subset:
+    """The items of ``source`` at ``indices``, in that order."""
+
     def __init__(self, source: ItemSource, indices: np.ndarray) -> None:
         self.source, self.indices = source, indices
 
@@ -246,7 +253,7 @@ class shuffled_batches(Sized):  # noqa: N801 - used like a function
         full, rest = divmod(len(self.view), self.batch_size)
         return full + (1 if rest >= self.min_batch else 0)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Batch]:
         for batch in iterate_batches(self.view, self.batch_size, threads=self.threads):
             if len(batch["path"]) >= self.min_batch:
                 yield batch

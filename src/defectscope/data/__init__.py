@@ -11,26 +11,43 @@ Typical use::
 
 from defectscope.data.dataset import ImageDataset, iterate_batches
 from defectscope.data.image_io import (
+    DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
     image_to_tensor,
     load_image,
     load_mask,
     mask_to_tensor,
+    max_image_pixels,
     read_image,
+    set_max_image_pixels,
 )
-from defectscope.data.layouts import Sample, find_categories, folder_samples, mvtec_samples
+from defectscope.data.layouts import (
+    IGNORED_NAMES,
+    Sample,
+    find_categories,
+    folder_samples,
+    image_files,
+    is_ignored_name,
+    mvtec_samples,
+)
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "IGNORED_NAMES",
     "IMAGE_EXTENSIONS",
     "ImageDataset",
     "Sample",
     "find_categories",
     "folder_samples",
+    "image_files",
     "image_to_tensor",
+    "is_ignored_name",
     "iterate_batches",
     "load_image",
     "load_mask",
     "mask_to_tensor",
+    "max_image_pixels",
     "mvtec_samples",
     "read_image",
+    "set_max_image_pixels",
 ]

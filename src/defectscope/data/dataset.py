@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any, NotRequired, Protocol, TypedDict
 
 import torch
 from torch.utils.data import Dataset
@@ -22,6 +22,23 @@ class ItemSource(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+
+class Batch(TypedDict):
+    """A batch as :func:`iterate_batches` yields it from an :class:`ImageDataset` (B images of H x W).
+
+    Sources built on a dataset add their own entries (synthetic anomalies, teacher features, ...).
+    """
+
+    image: torch.Tensor  # (B, 3, H, W) float in [0, 1]
+    mask: torch.Tensor  # (B, H, W) bool
+    has_mask: torch.Tensor  # (B,) bool
+    label: torch.Tensor  # (B,) long
+    path: list[str]
+    defect_type: list[str]
+    category: list[str]
+    synth_image: NotRequired[torch.Tensor]  # (B, 3, H, W): the image with a synthetic anomaly
+    synth_mask: NotRequired[torch.Tensor]  # (B, H, W) float: where the synthetic anomaly is
 
 
 class ImageDataset(Dataset):
@@ -42,12 +59,15 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
         img, full_size = read_image(sample.path, draft_to=max(self.image_size))
+        image = image_to_tensor(img, self.image_size)
+        img.close()  # the full-size pixels go before the mask is decoded: one large buffer at a time
+        del img
         if sample.mask_path is None:
             mask = torch.zeros(self.image_size, dtype=torch.bool)
         else:
             mask = mask_to_tensor(load_mask(sample.mask_path, full_size, image_path=sample.path), self.image_size)
         return {
-            "image": image_to_tensor(img, self.image_size),
+            "image": image,
             "mask": mask,
             "has_mask": sample.label == 0 or sample.mask_path is not None,
             "label": sample.label,
@@ -100,7 +120,7 @@ def _ordered_items(dataset: ItemSource, threads: int, window: int) -> Iterator[d
 
 def iterate_batches(
     dataset: ItemSource, batch_size: int = 16, threads: int = 2, desc: str | None = None
-) -> Iterator[dict[str, Any]]:
+) -> Iterator[Batch]:
     """Yield collated batches of ``dataset`` in order, decoding in ``threads`` threads.
 
     Batches hold ``image`` (B, 3, H, W), ``mask`` (B, H, W) bool, ``has_mask`` (B,) bool,
@@ -117,8 +137,8 @@ def iterate_batches(
             items.append(item)
             if len(items) == batch_size:
                 progress.update(len(items))
-                yield _collate(items)
+                yield _collate(items)  # type: ignore[misc]
                 items = []
         if items:
             progress.update(len(items))
-            yield _collate(items)
+            yield _collate(items)  # type: ignore[misc]

@@ -7,6 +7,7 @@ from .draem import DRAEM
 from .glad import GLAD
 from .mkd import MKD
 from .padim import PaDiM
+from .params import ParamSpec
 from .patchcore import PatchCore
 from .reverse_distillation import ReverseDistillation
 from .spade import SPADE
@@ -25,4 +26,20 @@ METHODS: dict[str, type[Detector]] = {
     GLAD.name: GLAD,
 }
 
-__all__ = ["METHODS", "SPADE", "Detector", "PaDiM", "PatchCore", "Prediction", "load"]
+__all__ = [
+    "DDAD",
+    "DMAD",
+    "DRAEM",
+    "GLAD",
+    "METHODS",
+    "MKD",
+    "SPADE",
+    "Detector",
+    "PaDiM",
+    "ParamSpec",
+    "PatchCore",
+    "Prediction",
+    "ReverseDistillation",
+    "UninformedStudents",
+    "load",
+]

@@ -7,9 +7,11 @@ from typing import Any
 
 import torch
 
-from ..backbones import create_backbone, resolve_weights
-from ..errors import ModelFileError
-from .base import Detector, _sha256
+from ..backbones import BACKBONES, LAYERS, create_backbone, resolve_weights
+from ..checkpoint import sha256_file
+from ..errors import DefectscopeError, ModelFileError
+from .base import Detector
+from .params import check_choice
 
 
 class BackboneDetector(Detector):
@@ -22,6 +24,10 @@ class BackboneDetector(Detector):
     def __init__(self, *, backbone: str, layers: tuple[str, ...] | list[str], weights: str | None,
                  **common: Any) -> None:
         super().__init__(**common)
+        check_choice("backbone", backbone, BACKBONES)
+        unknown = [layer for layer in layers if layer not in LAYERS]
+        if not layers or unknown:
+            raise DefectscopeError(f"layers must be one or more of {', '.join(LAYERS)}, got {list(layers)}")
         self.backbone = backbone
         self.layers = tuple(layers)
         self.weights = weights
@@ -45,17 +51,16 @@ class BackboneDetector(Detector):
         """Backbone feature maps (on the CPU) of the requested layers for images (B, 3, H, W) in [0, 1]."""
         return [f.float().cpu() for f in self.extractor(images.to(self.device))]
 
-    def _to_device(self, device: torch.device) -> None:
-        if self._extractor is not None:
-            self._extractor.to(device)
+    def _modules(self) -> dict[str, torch.nn.Module | None]:
+        return super()._modules() | {"extractor": self._extractor}
 
     def _extra_config(self) -> dict[str, Any]:
-        return {"backbone_weights_sha256": _sha256(resolve_weights(self.backbone, self.weights))}
+        return {"backbone_weights_sha256": sha256_file(resolve_weights(self.backbone, self.weights))}
 
     def _check_config(self, config: dict[str, Any], folder: Path) -> None:
         expected = config.get("backbone_weights_sha256")
         path = resolve_weights(self.backbone, self.weights)
-        if expected and _sha256(path) != expected:
+        if expected and sha256_file(path) != expected:
             raise ModelFileError(
                 f"{folder}: fitted with other {self.backbone} weights than {path} (sha256 differs); "
                 "use the weights file the model was fitted with")

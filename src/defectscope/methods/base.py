@@ -9,30 +9,24 @@ name (as in scikit-learn), so a saved model is its constructor call plus its ten
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import time
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from abc import ABC, ABCMeta, abstractmethod
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Self, TypeVar
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from .. import __version__
-from ..checkpoint import sha256_file as _sha256
 from ..data import ImageDataset, Sample, iterate_batches
+from ..data.dataset import Batch
 from ..data.sources import training_samples
-from ..errors import DefectscopeError, ModelFileError
+from ..errors import DefectscopeError
 from ..postprocess import Calibration, calibrate
+from .model_file import load, save_model  # noqa: F401  (load is re-exported)
+from .params import ParamSpec, check_at_least, check_finite, specs_of
 
-FORMAT = "defectscope-model"
-FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-TENSORS_FILE = "model.safetensors"
 T = TypeVar("T")
 
 
@@ -53,17 +47,29 @@ class Prediction:
         return self.scores > self.threshold
 
 
-class Detector(ABC):
+class _CheckedParams(ABCMeta):
+    """Checks what every constructor shares once the whole constructor has run: finite floats."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        detector = super().__call__(*args, **kwargs)
+        check_finite(detector.get_params().items())
+        return detector
+
+
+class Detector(ABC, metaclass=_CheckedParams):
     """Base class of all anomaly detectors."""
 
     name: ClassVar[str]
     #: True for methods that also learn from a few labelled defect images (``fit(..., defects=...)``).
     uses_labelled_defects: ClassVar[bool] = False
+    #: One-line help of a method's own parameters (shared ones are in :data:`.params.HELP`).
+    param_help: ClassVar[dict[str, str]] = {}
 
     def __init__(self, *, image_size: int = 256, batch_size: int = 16, calibration_fraction: float = 0.1,
                  threshold_sigmas: float = 3.0, seed: int = 0) -> None:
         if image_size < 32 or image_size % 16:
             raise DefectscopeError(f"image_size must be a multiple of 16 and at least 32, got {image_size}")
+        check_at_least(1, batch_size=batch_size)
         if not 0.0 <= calibration_fraction < 1.0:
             raise DefectscopeError(f"calibration_fraction must be in [0, 1), got {calibration_fraction}")
         self.image_size = image_size
@@ -84,13 +90,21 @@ class Detector(ABC):
         if device.type not in ("cpu", "cuda"):
             raise DefectscopeError(f"device {device}: only cpu and cuda are supported")
         self.device = device
-        self._to_device(device)
+        for module in self._modules().values():
+            if module is not None:
+                module.to(device)
         return self
 
-    def _to_device(self, device: torch.device) -> None:
-        """Move fitted parts to ``device`` (methods with networks override this)."""
+    def _modules(self) -> dict[str, torch.nn.Module | None]:
+        """The networks of this detector by name (None: not built yet), moved by :meth:`to`."""
+        return {}
 
     # -- hyper-parameters ------------------------------------------------------------------
+    @classmethod
+    def param_specs(cls) -> list[ParamSpec]:
+        """The constructor keywords of this method: name, type, default and a one-line help."""
+        return specs_of(cls, cls.param_help)
+
     def get_params(self) -> dict[str, Any]:
         """Constructor keywords of this detector, read back from its attributes."""
         names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
@@ -110,9 +124,10 @@ class Detector(ABC):
         """Learn from good images."""
 
     @abstractmethod
-    def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Scores (B,) and maps (B, H, W) for images (B, 3, H, W) in [0, 1]; reconstruction methods
-        add their reconstructions (B, 3, H, W) in [0, 1] as a third element."""
+    def _predict(self, images: torch.Tensor) -> Prediction:
+        """Scores (B,) and maps (B, H, W) for images (B, 3, H, W) in [0, 1] on ``self.device``;
+        reconstruction methods add their reconstructions (B, 3, H, W) in [0, 1]. The threshold
+        is left to :meth:`predict`."""
 
     @abstractmethod
     def _state(self) -> dict[str, torch.Tensor]:
@@ -139,15 +154,19 @@ class Detector(ABC):
         return bool(self.fit_info)
 
     def fit(self, data: str | os.PathLike | ImageDataset | Iterable[Sample], *,
-            defects: Iterable[Sample] | None = None) -> Self:
+            defects: Iterable[Sample] | None = None, checkpoint_dir: str | os.PathLike | None = None,
+            resume: bool = False) -> Self:
         """Fit on good images and calibrate the decision threshold on a held-out slice of them.
 
         ``data`` is a category folder (MVTec layout: its train/good is used), a folder of good
         images, an :class:`ImageDataset` or a list of :class:`Sample`; samples may come from
         several categories (one unified model). ``defects`` are labelled defect samples (with
         masks) for methods that use them (``uses_labelled_defects``); they are available to
-        ``_fit`` as ``self.labelled_defects``.
+        ``_fit`` as ``self.labelled_defects``. Methods trained in epochs save their training
+        state in ``checkpoint_dir`` as they go and continue from it with ``resume=True``; the
+        others ignore ``checkpoint_dir`` and refuse ``resume``.
         """
+        self._start_run(None if checkpoint_dir is None else Path(checkpoint_dir), resume)
         samples = list(data.samples) if isinstance(data, ImageDataset) else training_samples(data)
         self.labelled_defects = list(defects or [])
         if self.labelled_defects and not self.uses_labelled_defects:
@@ -171,8 +190,13 @@ class Detector(ABC):
         self.fit_info["fit_seconds"] = round(time.perf_counter() - start, 3)
         return self
 
+    def _start_run(self, checkpoint_dir: Path | None, resume: bool) -> None:
+        """Take the checkpoint folder and resume flag of a fit; only methods trained in epochs use them."""
+        if resume:
+            raise DefectscopeError(f"{self.name} is not trained in epochs: there is nothing to resume")
+
     @torch.no_grad()
-    def predict(self, batch: torch.Tensor | dict[str, Any]) -> Prediction:
+    def predict(self, batch: torch.Tensor | Batch) -> Prediction:
         """Anomaly scores and maps for a batch: a (B, 3, H, W) tensor in [0, 1] or a batch dict."""
         if not self.is_fitted:
             raise DefectscopeError(f"{type(self).__name__} is not fitted: call fit() or load() first")
@@ -183,40 +207,16 @@ class Detector(ABC):
         if tuple(images.shape[1:]) != expected:
             raise DefectscopeError(f"expected images of shape (B, {expected[0]}, {expected[1]}, {expected[2]}), "
                                    f"got {tuple(images.shape)}")
-        scores, maps, *recon = self._predict(images.float().to(self.device))
-        return Prediction(scores.float().cpu(), maps.float().cpu(), self.calibration.threshold if self.calibration else None,
-                          recon[0].float().cpu() if recon else None)
+        out = self._predict(images.float().to(self.device))
+        recon = out.reconstructions
+        return replace(out, scores=out.scores.float().cpu(), maps=out.maps.float().cpu(),
+                       threshold=self.calibration.threshold if self.calibration else None,
+                       reconstructions=None if recon is None else recon.float().cpu())
 
     # -- save / load -------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` into ``folder`` (created if needed).
-
-        Files are written under temporary names and renamed, so an interrupted save never leaves
-        a half-written model in place of a good one.
-        """
-        if not self.is_fitted:
-            raise DefectscopeError(f"{type(self).__name__} is not fitted: nothing to save")
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self._state().items()}
-        tmp_tensors = folder / (TENSORS_FILE + ".tmp")
-        save_file(tensors, str(tmp_tensors))
-        config = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "defectscope_version": __version__,
-            "method": self.name,
-            "params": self.get_params(),
-            "calibration": self.calibration.to_dict() if self.calibration else None,
-            "fit_info": self.fit_info,
-            "tensors_sha256": _sha256(tmp_tensors),
-            **self._extra_config(),
-        }
-        tmp_config = folder / (CONFIG_FILE + ".tmp")
-        tmp_config.write_text(json.dumps(config, indent=2) + "\n")
-        os.replace(tmp_tensors, folder / TENSORS_FILE)
-        os.replace(tmp_config, folder / CONFIG_FILE)
-        return folder
+        """Write ``config.json`` + ``model.safetensors`` into ``folder`` (created if needed), atomically."""
+        return save_model(self, folder)
 
 
 def fitted(detector: Detector, value: T | None) -> T:
@@ -238,55 +238,3 @@ def split_calibration(samples: list[Sample], fraction: float, seed: int) -> tupl
     order = np.random.default_rng(seed).permutation(len(samples))
     calib = set(order[:n_calib].tolist())
     return ([s for i, s in enumerate(samples) if i not in calib], [s for i, s in enumerate(samples) if i in calib])
-
-
-def read_config(folder: str | os.PathLike) -> dict[str, Any]:
-    """The parsed ``config.json`` of a run folder, with clear errors for anything wrong."""
-    folder = Path(folder)
-    path = folder / CONFIG_FILE
-    if not folder.is_dir():
-        raise ModelFileError(f"{folder}: no such model folder")
-    if not path.is_file():
-        raise ModelFileError(f"{path}: missing; is {folder} a folder written by `defectscope fit`?")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelFileError(f"{path}: not valid JSON ({exc}); the file is damaged") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ModelFileError(f"{path}: not a defectscope model config")
-    if config.get("format_version", 0) > FORMAT_VERSION:
-        raise ModelFileError(f"{path}: written by a newer defectscope (format {config['format_version']}); upgrade")
-    return config
-
-
-def load(folder: str | os.PathLike) -> Detector:
-    """Rebuild any fitted detector from its run folder (no code is executed from the files)."""
-    from . import METHODS
-
-    folder = Path(folder)
-    config = read_config(folder)
-    method = config.get("method")
-    if method not in METHODS:
-        raise ModelFileError(f"{folder / CONFIG_FILE}: unknown method {method!r} (known: {', '.join(METHODS)})")
-    tensors_path = folder / TENSORS_FILE
-    if not tensors_path.is_file():
-        raise ModelFileError(f"{tensors_path}: missing")
-    if _sha256(tensors_path) != config.get("tensors_sha256"):
-        raise ModelFileError(f"{tensors_path}: checksum does not match {CONFIG_FILE}; the file was changed or truncated")
-    try:
-        tensors = load_file(str(tensors_path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelFileError(f"{tensors_path}: cannot be read ({exc})") from None
-    try:
-        detector = METHODS[method](**config["params"])
-    except (TypeError, KeyError) as exc:
-        raise ModelFileError(f"{folder / CONFIG_FILE}: parameters do not fit {method} ({exc})") from None
-    detector._check_config(config, folder)
-    try:
-        detector._load_state(tensors)
-    except (KeyError, RuntimeError, ValueError) as exc:
-        raise ModelFileError(f"{tensors_path}: tensors do not fit {method} ({exc})") from None
-    detector.fit_info = config.get("fit_info") or {"loaded": True}
-    calib = config.get("calibration")
-    detector.calibration = Calibration(**calib) if calib else None
-    return detector

@@ -33,9 +33,10 @@ from torch import nn
 
 from ..errors import DefectscopeError
 from ..nn import diffusion as dm
-from ..training import CachedImages, Trainer, shuffled_batches
-from .diffusion_detector import DiffusionDetector
-from .trained import RESUMABLE_CHANGES
+from ..nn.state import under_prefix, with_prefix
+from ..training import CachedImages, shuffled_batches
+from .diffusion_detector import DiffusionDetector, Distance
+from .params import base_params
 
 
 class DDAD(DiffusionDetector):
@@ -51,7 +52,7 @@ class DDAD(DiffusionDetector):
         steps: int = 10,
         w: float = 4.0,
         eta: float = 0.0,
-        distance: str = "both",
+        distance: Distance = "both",
         v: float = 1.0,
         blur_sigma: float = 1.0,
         da_epochs: int = 3,
@@ -76,12 +77,7 @@ class DDAD(DiffusionDetector):
         threshold_sigmas: float = 3.0,
         seed: int = 0,
     ) -> None:
-        super().__init__(unet=unet, steps=steps, eta=eta, distance=distance, v=v, blur_sigma=blur_sigma,
-                         num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-                         ema_decay=ema_decay, max_train_timestep=max_train_timestep, weight_decay=weight_decay,
-                         backbone=backbone, layers=layers, weights=weights, epochs=epochs, lr=lr,
-                         time_budget=time_budget, image_size=image_size, batch_size=batch_size,
-                         calibration_fraction=calibration_fraction, threshold_sigmas=threshold_sigmas, seed=seed)
+        super().__init__(**base_params(DDAD, locals()))
         if not 1 <= t_start <= num_train_timesteps:
             raise DefectscopeError(f"t_start must be in [1, {num_train_timesteps}], got {t_start}")
         if w < 0 or w_da < 0:
@@ -90,6 +86,8 @@ class DDAD(DiffusionDetector):
             raise DefectscopeError(f"da_epochs must be 0 (no domain adaptation) or more, got {da_epochs}")
         if da_images is not None and da_images < 2:
             raise DefectscopeError(f"da_images must be at least 2 (or None for all), got {da_images}")
+        if da_lr <= 0 or da_lambda < 0:
+            raise DefectscopeError(f"da_lr must be positive and da_lambda non-negative, got {da_lr} and {da_lambda}")
         self.t_start = t_start
         self.w = w
         self.da_epochs = da_epochs
@@ -116,7 +114,7 @@ class DDAD(DiffusionDetector):
         self._adapted, self._da_info = None, {}
         if self.da_epochs == 0 or self.distance == "pixel":
             return
-        pairs = _Pairs(self._reconstruction_pairs(images))
+        pairs = self._reconstruction_pairs(images)
         teacher = self.extractor
         student = copy.deepcopy(teacher).requires_grad_(True)
         optimizer = torch.optim.Adam(student.parameters(), lr=self.da_lr)
@@ -127,13 +125,9 @@ class DDAD(DiffusionDetector):
             return {"loss": similarity + self.da_lambda * distillation, "similarity": similarity,
                     "distillation": distillation}
 
-        checkpoint = self.checkpoint_dir / "domain_adaptation" if self.checkpoint_dir is not None else None
-        params = {k: v for k, v in self.get_params().items() if k not in RESUMABLE_CHANGES}
-        log = Trainer({"extractor": student}, optimizer, epochs=self.da_epochs, seed=self.seed,
-                      checkpoint_dir=checkpoint, resume=self.resume,
-                      identity={"method": self.name, "stage": "domain adaptation", "params": params},
-                      desc="domain adaptation").run(
-            lambda epoch: shuffled_batches(pairs, self.batch_size, seed=self.seed, epoch=epoch), step)
+        trainer = self.trainer({"extractor": student}, optimizer, epochs=self.da_epochs, stage="domain adaptation",
+                               desc="domain adaptation")
+        log = trainer.run(lambda epoch: shuffled_batches(pairs, self.batch_size, seed=self.seed, epoch=epoch), step)
         self._adapted = student.eval().requires_grad_(False)
         self._da_info = {"images": len(pairs), "epochs": log.epochs_done, "seconds": round(log.seconds, 3),
                          "final_loss": (log.epoch_losses or [None])[-1]}
@@ -157,38 +151,23 @@ class DDAD(DiffusionDetector):
         return super()._fit_details() | ({"domain_adaptation": self._da_info} if self._da_info else {})
 
     # -- save / load --------------------------------------------------------------------------
-    def _to_device(self, device: torch.device) -> None:
-        super()._to_device(device)
-        if self._adapted is not None:
-            self._adapted.to(device)
+    def _modules(self) -> dict[str, nn.Module | None]:
+        return super()._modules() | {"adapted": self._adapted}
 
     def _state(self) -> dict[str, torch.Tensor]:
         state = super()._state()
         if self._adapted is not None:
-            state |= {f"adapted.{k}": v for k, v in self._adapted.state_dict().items()}
+            state |= with_prefix("adapted", self._adapted)
         return state
 
     def _load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         super()._load_state(tensors)
-        adapted = {k[len("adapted."):]: v for k, v in tensors.items() if k.startswith("adapted.")}
+        adapted = under_prefix(tensors, "adapted")
         self._adapted = None
         if adapted:
             student = copy.deepcopy(self.extractor)
             student.load_state_dict(adapted)
             self._adapted = student.eval()
-
-
-class _Pairs:
-    """An item source over a list of item dicts."""
-
-    def __init__(self, items: list[dict[str, Any]]) -> None:
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.items[index]
 
 
 def domain_adaptation_losses(student: nn.Module, teacher: nn.Module, target: torch.Tensor,

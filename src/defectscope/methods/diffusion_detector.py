@@ -21,36 +21,41 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..data import ImageDataset
-from ..data.dataset import ItemSource
+from ..data.dataset import Batch, ItemSource
 from ..errors import DefectscopeError
 from ..nn import diffusion as dm
+from ..nn.state import under_prefix, with_prefix
 from ..training import CachedImages, shuffled_batches
 from .backbone_detector import BackboneDetector
-from .base import fitted
+from .base import Prediction, fitted
+from .params import check_at_least, check_choice
 from .trained import TrainedDetector
 
-DISTANCES = ("both", "pixel", "feature")
+Distance = Literal["both", "pixel", "feature"]
+DISTANCES: tuple[str, ...] = get_args(Distance)
 CALIBRATION_IMAGES = 64  # good training images used to measure the map ratio (and GLAD's statistics)
 
 
 class DiffusionDetector(TrainedDetector, BackboneDetector):
     """Base of the diffusion reconstruction methods; see the module docstring."""
 
-    def __init__(self, *, unet: str, steps: int, eta: float, distance: str, v: float, blur_sigma: float,
+    def __init__(self, *, unet: str, steps: int, eta: float, distance: Distance, v: float, blur_sigma: float,
                  num_train_timesteps: int, beta_start: float, beta_end: float, ema_decay: float,
                  max_train_timestep: int | None, weight_decay: float, **common: Any) -> None:
         super().__init__(**common)
-        if distance not in DISTANCES:
-            raise DefectscopeError(f"distance must be one of {', '.join(DISTANCES)}, got {distance!r}")
-        if steps < 1:
-            raise DefectscopeError(f"steps must be at least 1, got {steps}")
+        check_choice("distance", distance, DISTANCES)
+        check_at_least(1, steps=steps, num_train_timesteps=num_train_timesteps)
+        check_at_least(0, v=v, weight_decay=weight_decay)
+        if not 0.0 < beta_start < beta_end < 1.0:
+            raise DefectscopeError(f"beta_start and beta_end must satisfy 0 < beta_start < beta_end < 1, "
+                                   f"got {beta_start} and {beta_end}")
         if not 0.0 <= eta <= 1.0:
             raise DefectscopeError(f"eta must be in [0, 1], got {eta}")
         if max_train_timestep is not None and not 1 <= max_train_timestep <= num_train_timesteps:
@@ -75,7 +80,7 @@ class DiffusionDetector(TrainedDetector, BackboneDetector):
         self._network: nn.Module | None = None  # the UNet used for sampling (the EMA copy when averaging)
         self._network_config: dict[str, Any] | None = None
         self._ratio: torch.Tensor | None = None  # () max(Df) / max(Dp) on good images
-        self._abar: torch.Tensor | None = None
+        self._abar: torch.Tensor | None = None  # on self.device
         self._train_steps = 0
 
     # -- pieces ------------------------------------------------------------------------------
@@ -83,7 +88,9 @@ class DiffusionDetector(TrainedDetector, BackboneDetector):
     def abar(self) -> torch.Tensor:
         """(T,) cumulative noise schedule ``alphas_cumprod`` (diffusers' DDPM linear schedule by default)."""
         if self._abar is None:
-            self._abar = dm.alphas_cumprod(self.num_train_timesteps, self.beta_start, self.beta_end).to(self.device)
+            self._abar = dm.alphas_cumprod(self.num_train_timesteps, self.beta_start, self.beta_end)
+        if self._abar.device != self.device:
+            self._abar = self._abar.to(self.device)
         return self._abar
 
     @property
@@ -121,7 +128,7 @@ class DiffusionDetector(TrainedDetector, BackboneDetector):
         """What a training batch is drawn from (GLAD adds synthetic anomalies)."""
         return images
 
-    def _loss(self, batch: dict[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
+    def _loss(self, batch: Batch, model: nn.Module) -> dict[str, torch.Tensor]:
         """Noise-prediction loss of plain DDPM training on good images."""
         x0 = self.to_model_space(batch["image"].to(self.device))
         t, eps, abar_t = self._sample_noise(x0)
@@ -215,27 +222,23 @@ class DiffusionDetector(TrainedDetector, BackboneDetector):
             return dm.combine_distances(dp, df, 0.0, 0.0, self.blur_sigma)
         return dm.combine_distances(dp, df, self.v, self.ratio.to(dp.device), self.blur_sigma)
 
-    def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _predict(self, images: torch.Tensor) -> Prediction:
         recon = self._reconstruct(images)
         maps = self.anomaly_map(images, recon)
-        return maps.flatten(1).amax(1), maps, recon
+        return Prediction(maps.flatten(1).amax(1), maps, reconstructions=recon)
 
     # -- save / load -----------------------------------------------------------------------------
-    def _to_device(self, device: torch.device) -> None:
-        super()._to_device(device)
-        if self._network is not None:
-            self._network.to(device)
-        self._abar = None
+    def _modules(self) -> dict[str, nn.Module | None]:
+        return super()._modules() | {"unet": self._network}
 
     def _state(self) -> dict[str, torch.Tensor]:
-        state = {f"unet.{k}": v for k, v in self.network.state_dict().items()}
-        return state | {"ratio": self.ratio.reshape(1)}
+        return with_prefix("unet", self.network) | {"ratio": self.ratio.reshape(1)}
 
     def _load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         if self._network_config is None:
             raise ValueError("the model config holds no unet_config")
         network = dm.unet_from_config(self._network_config)
-        network.load_state_dict({k[len("unet."):]: v for k, v in tensors.items() if k.startswith("unet.")})
+        network.load_state_dict(under_prefix(tensors, "unet"))
         self._network = network.to(self.device).eval().requires_grad_(False)
         self._ratio = tensors["ratio"].float().reshape(())
 

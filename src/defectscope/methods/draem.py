@@ -31,13 +31,16 @@ import torch
 import torch.nn.functional as F
 
 from ..data import ImageDataset
+from ..data.dataset import Batch
 from ..data.synth import PerlinTexture, SynthDataset
 from ..errors import DefectscopeError
 from ..nn.blocks import EncoderDecoder
 from ..nn.losses import focal_loss, ssim_loss
+from ..nn.state import under_prefix, with_prefix
 from ..postprocess import gaussian_blur
 from ..training import CachedImages, shuffled_batches
-from .base import fitted
+from .base import Prediction, fitted
+from .params import base_params, check_at_least
 from .trained import TrainedDetector
 
 RECONSTRUCTIVE_LEVELS = (1, 2, 4, 8, 8)  # width multipliers of the reconstructive encoder (paper)
@@ -75,9 +78,8 @@ class DRAEM(TrainedDetector):
         threshold_sigmas: float = 3.0,
         seed: int = 0,
     ) -> None:
-        super().__init__(epochs=epochs, lr=lr, time_budget=time_budget, image_size=image_size,
-                         batch_size=batch_size, calibration_fraction=calibration_fraction,
-                         threshold_sigmas=threshold_sigmas, seed=seed)
+        super().__init__(**base_params(DRAEM, locals()))
+        check_at_least(0, focal_gamma=focal_gamma)
         if base_channels < 1 or disc_channels < 1:
             raise DefectscopeError(f"base_channels and disc_channels must be at least 1, got "
                                    f"{base_channels} and {disc_channels}")
@@ -118,10 +120,8 @@ class DRAEM(TrainedDetector):
         """The U-Net segmenting anomalies from (image, reconstruction) pairs (2 logit channels)."""
         return fitted(self, self._discriminative)
 
-    def _to_device(self, device: torch.device) -> None:
-        for net in (self._reconstructive, self._discriminative):
-            if net is not None:
-                net.to(device)
+    def _modules(self) -> dict[str, torch.nn.Module | None]:
+        return super()._modules() | {"reconstructive": self._reconstructive, "discriminative": self._discriminative}
 
     # -- training ----------------------------------------------------------------------------
     def _fit(self, dataset: ImageDataset) -> None:
@@ -135,7 +135,7 @@ class DRAEM(TrainedDetector):
         optimizer = torch.optim.Adam([*rec.parameters(), *disc.parameters()], lr=self.lr)
         batch_size = min(self.batch_size, len(dataset))
 
-        def step(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        def step(batch: Batch) -> dict[str, torch.Tensor]:
             good = batch["image"].to(self.device)
             corrupted = batch["synth_image"].to(self.device)
             mask = batch["synth_mask"].to(self.device)
@@ -164,7 +164,7 @@ class DRAEM(TrainedDetector):
         with torch.no_grad():
             return rec(images.float().to(self.device)).sigmoid().cpu()
 
-    def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _predict(self, images: torch.Tensor) -> Prediction:
         rec, disc = self.reconstructive, self.discriminative
         rec.eval()
         disc.eval()
@@ -173,16 +173,14 @@ class DRAEM(TrainedDetector):
         maps = gaussian_blur(anomaly, self.blur_sigma).clamp(0, 1)
         k = max(1, round(self.score_window * self.image_size / 256)) // 2 * 2 + 1  # odd, scaled from 256 px
         pooled = F.avg_pool2d(maps[:, None], k, stride=1, padding=k // 2, count_include_pad=False)
-        return pooled.flatten(1).amax(1), maps, restored
+        return Prediction(pooled.flatten(1).amax(1), maps, reconstructions=restored)
 
     # -- state ---------------------------------------------------------------------------------
     def _state(self) -> dict[str, torch.Tensor]:
-        tensors = {f"reconstructive.{k}": v for k, v in self.reconstructive.state_dict().items()}
-        return tensors | {f"discriminative.{k}": v for k, v in self.discriminative.state_dict().items()}
+        return with_prefix("reconstructive", self.reconstructive) | with_prefix("discriminative", self.discriminative)
 
     def _load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         self._build()
-        for name, net in (("reconstructive", self._reconstructive), ("discriminative", self._discriminative)):
-            prefix = name + "."
-            net.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        for name, net in (("reconstructive", self.reconstructive), ("discriminative", self.discriminative)):
+            net.load_state_dict(under_prefix(tensors, name))
             net.eval()

@@ -34,20 +34,21 @@ The anomaly map is DDAD's pixel + feature map of the input and its reconstructio
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.dataset import ItemSource
+from ..data.dataset import Batch, ItemSource
 from ..data.synth import PerlinTexture, SynthDataset
 from ..errors import DefectscopeError
 from ..nn import diffusion as dm
 from ..postprocess import gaussian_blur
 from ..training import CachedImages
 from .base import fitted
-from .diffusion_detector import DiffusionDetector
+from .diffusion_detector import DiffusionDetector, Distance
+from .params import base_params
 
 AUTOENCODERS = ("AutoencoderKL", "VQModel")
 
@@ -64,13 +65,13 @@ class GLAD(DiffusionDetector):
         step_range: tuple[int, int] = (100, 400),
         steps: int = 10,
         probe_step: int = 200,
-        probe_distance: str = "feature",
+        probe_distance: Literal["feature", "pixel"] = "feature",
         step_sigmas: float = 3.0,
         fusion_quantiles: tuple[float, float] = (0.5, 0.99),
         anomaly_probability: float = 0.5,
         texture_dir: str | None = None,
         eta: float = 0.0,
-        distance: str = "both",
+        distance: Distance = "both",
         v: float = 1.0,
         blur_sigma: float = 1.0,
         pretrained_unet: str | None = None,
@@ -92,12 +93,7 @@ class GLAD(DiffusionDetector):
         threshold_sigmas: float = 3.0,
         seed: int = 0,
     ) -> None:
-        super().__init__(unet=unet, steps=steps, eta=eta, distance=distance, v=v, blur_sigma=blur_sigma,
-                         num_train_timesteps=num_train_timesteps, beta_start=beta_start, beta_end=beta_end,
-                         ema_decay=ema_decay, max_train_timestep=max_train_timestep, weight_decay=weight_decay,
-                         backbone=backbone, layers=layers, weights=weights, epochs=epochs, lr=lr,
-                         time_budget=time_budget, image_size=image_size, batch_size=batch_size,
-                         calibration_fraction=calibration_fraction, threshold_sigmas=threshold_sigmas, seed=seed)
+        super().__init__(**base_params(GLAD, locals()))
         step_range = tuple(int(t) for t in step_range)
         if len(step_range) != 2 or not 0 <= step_range[0] <= step_range[1] <= num_train_timesteps:
             raise DefectscopeError(f"step_range must be (low, high) with 0 <= low <= high <= {num_train_timesteps}, "
@@ -171,7 +167,7 @@ class GLAD(DiffusionDetector):
         texture = PerlinTexture(texture_dir=self.texture_dir, probability=self.anomaly_probability)
         return SynthDataset(images, texture, seed=self.seed)
 
-    def _loss(self, batch: dict[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
+    def _loss(self, batch: Batch, model: nn.Module) -> dict[str, torch.Tensor]:
         x_normal = self.to_model_space(batch["image"].to(self.device))
         x_input = self.to_model_space(batch["synth_image"].to(self.device))
         mask = batch["synth_mask"].to(self.device)[:, None].float()
@@ -246,10 +242,8 @@ class GLAD(DiffusionDetector):
         super()._calibrate(images)
 
     # -- save / load --------------------------------------------------------------------------------
-    def _to_device(self, device: torch.device) -> None:
-        super()._to_device(device)
-        if self._vae is not None:
-            self._vae.to(device)
+    def _modules(self) -> dict[str, nn.Module | None]:
+        return super()._modules() | {"vae": self._vae}
 
     def _state(self) -> dict[str, torch.Tensor]:
         return super()._state() | {"stats": self.stats}

@@ -39,59 +39,44 @@ train on the 209 MVTec bottle images in about two CPU-minutes (image AUROC 0.99)
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..data import ImageDataset
+from ..data.dataset import Batch
 from ..errors import DefectscopeError
 from ..nn.distillation import (
-    TeacherTargets,
+    StridedHeads,
     batch_targets,
     conv_block,
     cosine_distance,
     discrepancy_map,
     squared_distance,
-    stride_index,
 )
+from ..nn.state import under_prefix, with_prefix
 from ..postprocess import anomaly_maps
-from ..training import CachedImages, cosine_schedule, shuffled_batches
-from .backbone_detector import BackboneDetector
-from .base import fitted
-from .trained import TrainedDetector
+from ..training import cosine_schedule
+from .base import Prediction, fitted
+from .distillation import DistillationDetector
+from .params import base_params, check_at_least, check_choice
 
-LOCALIZATIONS = ("gradient", "discrepancy")
+Localization = Literal["gradient", "discrepancy"]
+LOCALIZATIONS: tuple[str, ...] = get_args(Localization)
 
 
-class Cloner(nn.Module):
+class Cloner(StridedHeads):
     """Bias-free VGG-like CNN (conv + ReLU) with a bias-free 1x1 projection at every critical stride."""
 
     def __init__(self, channels: Sequence[int], levels: Sequence[int], width: int) -> None:
-        super().__init__()
-        self.stages = nn.ModuleList()
-        self.heads = nn.ModuleDict()
-        c_in = 3
-        for level in range(1, max(levels) + 1):
-            w = max(int(width * 2.0 ** (level - 3)), 8)
-            stage = [conv_block(c_in, w, stride=2, batch_norm=False)]
-            if level > 1:
-                stage.append(conv_block(w, w, batch_norm=False))
-            self.stages.append(nn.Sequential(*stage))
-            if level in levels:
-                self.heads[str(level)] = nn.Conv2d(w, channels[levels.index(level)], 1, bias=False)
-            c_in = w
+        super().__init__(channels, levels, lambda level: max(int(width * 2.0 ** (level - 3)), 8),
+                         partial(conv_block, batch_norm=False), head_bias=False)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        outputs = []
-        for level, stage in enumerate(self.stages, start=1):
-            x = stage(x)
-            if str(level) in self.heads:
-                outputs.append(self.heads[str(level)](x))
-        return outputs
 
 
 def value_loss(outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -115,7 +100,7 @@ def grey_opening(maps: torch.Tensor, size: int) -> torch.Tensor:
     return opened[:, 0, : maps.shape[-2], : maps.shape[-1]]
 
 
-class MKD(TrainedDetector, BackboneDetector):
+class MKD(DistillationDetector):
     """Source/cloner distillation at several layers; score = distillation loss, maps by gradient or discrepancy."""
 
     name = "mkd"
@@ -128,7 +113,7 @@ class MKD(TrainedDetector, BackboneDetector):
         image_size: int = 128,
         width: int = 64,
         lambda_dir: float | None = None,
-        localization: str = "discrepancy",
+        localization: Localization = "discrepancy",
         blur_sigma: float = 4.0,
         opening_size: int = 5,
         epochs: int = 40,
@@ -139,14 +124,9 @@ class MKD(TrainedDetector, BackboneDetector):
         threshold_sigmas: float = 3.0,
         seed: int = 0,
     ) -> None:
-        super().__init__(backbone=backbone, layers=layers, weights=weights, epochs=epochs, lr=lr,
-                         time_budget=time_budget, image_size=image_size, batch_size=batch_size,
-                         calibration_fraction=calibration_fraction, threshold_sigmas=threshold_sigmas, seed=seed)
-        levels = [stride_index(layer) for layer in self.layers]
-        if levels != sorted(set(levels)):
-            raise DefectscopeError(f"layers must be distinct strides, finest first, e.g. s4,s8,s16; got {list(layers)}")
-        if localization not in LOCALIZATIONS:
-            raise DefectscopeError(f"localization must be one of {', '.join(LOCALIZATIONS)}, got {localization!r}")
+        super().__init__(**base_params(MKD, locals()))
+        check_choice("localization", localization, LOCALIZATIONS)
+        check_at_least(1, width=width, opening_size=opening_size)
         if lambda_dir is not None and lambda_dir < 0:
             raise DefectscopeError(f"lambda_dir must be non-negative or None (balanced), got {lambda_dir}")
         self.width = width
@@ -158,8 +138,7 @@ class MKD(TrainedDetector, BackboneDetector):
         self._lambda: float | None = None  # the weight in use (lambda_dir, or the balanced one)
 
     def _build(self) -> Cloner:
-        levels = [stride_index(layer) for layer in self.layers]
-        return Cloner(self.extractor.channels, levels, self.width).to(self.device)
+        return Cloner(self.extractor.channels, self.levels, self.width).to(self.device)
 
     @property
     def cloner(self) -> Cloner:
@@ -175,12 +154,12 @@ class MKD(TrainedDetector, BackboneDetector):
         return value_loss(outputs, targets) + self.lambda_used * direction_loss(outputs, targets)
 
     def _fit(self, dataset: ImageDataset) -> None:
-        data = TeacherTargets.compute(CachedImages(dataset), self.features, self.batch_size)
+        data = self.teacher_targets(dataset)
         n = len(self.layers)
         torch.manual_seed(self.seed)
         self._cloner = cloner = self._build()
         if self.lambda_dir is None:
-            first = next(iter(shuffled_batches(data, self.batch_size, seed=self.seed, epoch=0)))
+            first = next(iter(self.epoch_batches(data)(0)))
             with torch.no_grad():
                 targets = batch_targets(first, n, self.device)
                 outputs = cloner(first["image"].to(self.device))
@@ -189,17 +168,16 @@ class MKD(TrainedDetector, BackboneDetector):
             self._lambda = float(self.lambda_dir)
         optimizer = torch.optim.Adam(cloner.parameters(), lr=self.lr)
 
-        def step(batch: dict) -> dict[str, torch.Tensor]:
+        def step(batch: Batch) -> dict[str, torch.Tensor]:
             targets = batch_targets(batch, n, self.device)
             outputs = cloner(batch["image"].to(self.device))
             val, direction = value_loss(outputs, targets).mean(), direction_loss(outputs, targets).mean()
             return {"loss": val + self.lambda_used * direction, "val": val, "dir": direction}
 
-        self.train({"cloner": cloner}, optimizer,
-                   lambda epoch: shuffled_batches(data, self.batch_size, seed=self.seed, epoch=epoch), step,
+        self.train({"cloner": cloner}, optimizer, self.epoch_batches(data), step,
                    lr_schedule=cosine_schedule(self.epochs))
 
-    def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _predict(self, images: torch.Tensor) -> Prediction:
         size = tuple(images.shape[-2:])
         if self.localization == "gradient":
             with torch.enable_grad():
@@ -207,7 +185,7 @@ class MKD(TrainedDetector, BackboneDetector):
                 loss = self.losses(self.cloner(x), self.extractor(x))
                 (grad,) = torch.autograd.grad(loss.sum(), x)
             maps = grey_opening(anomaly_maps(grad.abs().sum(1), size, self.blur_sigma), self.opening_size)
-            return loss.detach(), maps
+            return Prediction(loss.detach(), maps)
         targets = [f.float() for f in self.extractor(images)]
         outputs = self.cloner(images)
         lam = self.lambda_used
@@ -216,23 +194,21 @@ class MKD(TrainedDetector, BackboneDetector):
             return squared_distance(o, t) + lam * cosine_distance(o, t)
 
         raw = discrepancy_map(outputs, targets, tuple(targets[0].shape[-2:]), local)
-        return self.losses(outputs, targets), anomaly_maps(raw, size, self.blur_sigma)
+        return Prediction(self.losses(outputs, targets), anomaly_maps(raw, size, self.blur_sigma))
 
-    def _to_device(self, device: torch.device) -> None:
-        super()._to_device(device)
-        if self._cloner is not None:
-            self._cloner.to(device)
+    def _modules(self) -> dict[str, nn.Module | None]:
+        return super()._modules() | {"cloner": self._cloner}
 
-    def _fit_details(self) -> dict:
+    def _fit_details(self) -> dict[str, Any]:
         return {**super()._fit_details(), "lambda_dir": self._lambda}
 
     def _state(self) -> dict[str, torch.Tensor]:
-        tensors = {f"cloner.{k}": v for k, v in self.cloner.state_dict().items()}
+        tensors = with_prefix("cloner", self.cloner)
         tensors["lambda_dir"] = torch.tensor(self.lambda_used, dtype=torch.float64)
         return tensors
 
     def _load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         cloner = self._build()
-        cloner.load_state_dict({k.removeprefix("cloner."): v for k, v in tensors.items() if k.startswith("cloner.")})
+        cloner.load_state_dict(under_prefix(tensors, "cloner"))
         self._cloner = cloner.eval()
         self._lambda = float(tensors["lambda_dir"])

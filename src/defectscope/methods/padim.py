@@ -19,7 +19,8 @@ from ..nn.embedding import patch_embedding
 from ..nn.gaussian import StreamingGaussian, mahalanobis
 from ..postprocess import anomaly_maps
 from .backbone_detector import BackboneDetector
-from .base import fitted
+from .base import Prediction, fitted
+from .params import base_params
 
 
 class PaDiM(BackboneDetector):
@@ -42,9 +43,7 @@ class PaDiM(BackboneDetector):
         threshold_sigmas: float = 3.0,
         seed: int = 0,
     ) -> None:
-        super().__init__(backbone=backbone, layers=layers, weights=weights, image_size=image_size,
-                         batch_size=batch_size, calibration_fraction=calibration_fraction,
-                         threshold_sigmas=threshold_sigmas, seed=seed)
+        super().__init__(**base_params(PaDiM, locals()))
         if n_channels is not None and n_channels < 1:
             raise DefectscopeError(f"n_channels must be at least 1 (or None for all), got {n_channels}")
         if eps <= 0:
@@ -83,12 +82,12 @@ class PaDiM(BackboneDetector):
         self._mean = gaussian.mean().float()
         self._whitener = gaussian.whitener(self.eps)
 
-    def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _predict(self, images: torch.Tensor) -> Prediction:
         emb = self.embed(images)
         b, _, h, w = emb.shape
         dist = mahalanobis(emb.flatten(2).transpose(1, 2), self.mean, self.whitener)
         maps = anomaly_maps(dist.reshape(b, h, w), images.shape[-2:], self.blur_sigma)
-        return maps.flatten(1).amax(1), maps
+        return Prediction(maps.flatten(1).amax(1), maps)
 
     @property
     def channels(self) -> torch.Tensor:

@@ -16,12 +16,14 @@ from __future__ import annotations
 import torch
 
 from ..data import ImageDataset, iterate_batches
+from ..errors import DefectscopeError
 from ..nn.coreset import greedy_coreset
 from ..nn.embedding import patch_embedding
 from ..nn.knn import NearestNeighbors
 from ..postprocess import anomaly_maps
 from .backbone_detector import BackboneDetector
-from .base import fitted
+from .base import Prediction, fitted
+from .params import base_params, check_at_least
 
 
 class PatchCore(BackboneDetector):
@@ -47,11 +49,10 @@ class PatchCore(BackboneDetector):
         threshold_sigmas: float = 3.0,
         seed: int = 0,
     ) -> None:
-        super().__init__(backbone=backbone, layers=layers, weights=weights, image_size=image_size,
-                         batch_size=batch_size, calibration_fraction=calibration_fraction,
-                         threshold_sigmas=threshold_sigmas, seed=seed)
+        super().__init__(**base_params(PatchCore, locals()))
         if not 0.0 < coreset_ratio <= 1.0:
-            raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
+            raise DefectscopeError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
+        check_at_least(1, embed_dim=embed_dim, projection_dim=projection_dim)
         self.embed_dim = embed_dim
         self.neighbourhood = neighbourhood
         self.coreset_ratio = coreset_ratio
@@ -79,14 +80,14 @@ class PatchCore(BackboneDetector):
             bank = bank[keep]
         self._index = NearestNeighbors(bank.contiguous(), exact=self.exact_search)
 
-    def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _predict(self, images: torch.Tensor) -> Prediction:
         emb = self.embed(images)
         b, d, h, w = emb.shape
         queries = emb.permute(0, 2, 3, 1).reshape(-1, d)
         dist, nearest = self.index.search(queries, 1)
         patch_scores = dist[:, 0].reshape(b, h * w)
         scores = self._image_scores(queries.reshape(b, h * w, d), patch_scores, nearest[:, 0].reshape(b, h * w))
-        return scores, anomaly_maps(patch_scores.reshape(b, h, w), images.shape[-2:], self.blur_sigma)
+        return Prediction(scores, anomaly_maps(patch_scores.reshape(b, h, w), images.shape[-2:], self.blur_sigma))
 
     def _image_scores(self, queries: torch.Tensor, patch_scores: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
         """The paper's re-weighted image score: s = (1 - softmax(|m* - n|)_0) * max patch score.

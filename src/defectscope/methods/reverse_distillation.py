@@ -29,20 +29,19 @@ import torch
 from torch import nn
 
 from ..data import ImageDataset
+from ..data.dataset import Batch
 from ..errors import DefectscopeError
 from ..nn.distillation import (
-    TeacherTargets,
     batch_targets,
     conv_block,
     cosine_distance,
     discrepancy_map,
-    stride_index,
 )
+from ..nn.state import under_prefix, with_prefix
 from ..postprocess import anomaly_maps
-from ..training import CachedImages, shuffled_batches
-from .backbone_detector import BackboneDetector
-from .base import fitted
-from .trained import TrainedDetector
+from .base import Prediction, fitted
+from .distillation import DistillationDetector
+from .params import base_params
 
 
 class ResidualBlock(nn.Module):
@@ -118,10 +117,11 @@ class ReverseStudent(nn.Module):
         return self.decoder(self.bottleneck(features))
 
 
-class ReverseDistillation(TrainedDetector, BackboneDetector):
+class ReverseDistillation(DistillationDetector):
     """Frozen encoder, trained one-class bottleneck and reverse decoder; anomalies = cosine discrepancy."""
 
     name = "reverse_distillation"
+    min_layers = 2
 
     def __init__(
         self,
@@ -139,13 +139,7 @@ class ReverseDistillation(TrainedDetector, BackboneDetector):
         threshold_sigmas: float = 3.0,
         seed: int = 0,
     ) -> None:
-        super().__init__(backbone=backbone, layers=layers, weights=weights, epochs=epochs, lr=lr,
-                         time_budget=time_budget, image_size=image_size, batch_size=batch_size,
-                         calibration_fraction=calibration_fraction, threshold_sigmas=threshold_sigmas, seed=seed)
-        levels = [stride_index(layer) for layer in self.layers]
-        if len(levels) < 2 or levels != sorted(set(levels)):
-            raise DefectscopeError(f"layers must be two or more strides, finest first, e.g. s4,s8,s16; "
-                                   f"got {list(layers)}")
+        super().__init__(**base_params(ReverseDistillation, locals()))
         if embed_dim < 16:
             raise DefectscopeError(f"embed_dim must be at least 16, got {embed_dim}")
         self.embed_dim = embed_dim
@@ -153,44 +147,40 @@ class ReverseDistillation(TrainedDetector, BackboneDetector):
         self._student: ReverseStudent | None = None
 
     def _build(self) -> ReverseStudent:
-        levels = [stride_index(layer) for layer in self.layers]
-        return ReverseStudent(self.extractor.channels, levels, self.embed_dim).to(self.device)
+        return ReverseStudent(self.extractor.channels, self.levels, self.embed_dim).to(self.device)
 
     @property
     def student(self) -> ReverseStudent:
         return fitted(self, self._student)
 
     def _fit(self, dataset: ImageDataset) -> None:
-        data = TeacherTargets.compute(CachedImages(dataset), self.features, self.batch_size)
+        data = self.teacher_targets(dataset)
         torch.manual_seed(self.seed)
         self._student = student = self._build()
         optimizer = torch.optim.Adam(student.parameters(), lr=self.lr, betas=(0.5, 0.999))
         n = len(self.layers)
 
-        def step(batch: dict) -> torch.Tensor:
+        def step(batch: Batch) -> torch.Tensor:
             targets = batch_targets(batch, n, self.device)
             outputs = student(targets)
             return sum(cosine_distance(o, t).mean() for o, t in zip(outputs, targets))
 
-        self.train({"student": student}, optimizer,
-                   lambda epoch: shuffled_batches(data, self.batch_size, seed=self.seed, epoch=epoch), step)
+        self.train({"student": student}, optimizer, self.epoch_batches(data), step)
 
-    def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _predict(self, images: torch.Tensor) -> Prediction:
         features = [f.float() for f in self.extractor(images)]
         outputs = self.student(features)
         raw = discrepancy_map(outputs, features, tuple(features[0].shape[-2:]), cosine_distance)
         maps = anomaly_maps(raw, tuple(images.shape[-2:]), self.blur_sigma)
-        return maps.flatten(1).amax(1), maps
+        return Prediction(maps.flatten(1).amax(1), maps)
 
-    def _to_device(self, device: torch.device) -> None:
-        super()._to_device(device)
-        if self._student is not None:
-            self._student.to(device)
+    def _modules(self) -> dict[str, nn.Module | None]:
+        return super()._modules() | {"student": self._student}
 
     def _state(self) -> dict[str, torch.Tensor]:
-        return {f"student.{k}": v for k, v in self.student.state_dict().items()}
+        return with_prefix("student", self.student)
 
     def _load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         student = self._build()
-        student.load_state_dict({k.removeprefix("student."): v for k, v in tensors.items()})
+        student.load_state_dict(under_prefix(tensors, "student"))
         self._student = student.eval()

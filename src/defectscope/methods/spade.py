@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import torch
 
+from ..backbones import LAYERS
 from ..data import ImageDataset, iterate_batches
 from ..errors import DefectscopeError
 from ..nn.embedding import patch_embedding
 from ..nn.knn import NearestNeighbors
 from ..postprocess import anomaly_maps
 from .backbone_detector import BackboneDetector
-from .base import fitted
+from .base import Prediction, fitted
+from .params import base_params, check_choice
 
 
 class SPADE(BackboneDetector):
@@ -40,9 +42,8 @@ class SPADE(BackboneDetector):
         threshold_sigmas: float = 3.0,
         seed: int = 0,
     ) -> None:
-        super().__init__(backbone=backbone, layers=layers, weights=weights, image_size=image_size,
-                         batch_size=batch_size, calibration_fraction=calibration_fraction,
-                         threshold_sigmas=threshold_sigmas, seed=seed)
+        super().__init__(**base_params(SPADE, locals()))
+        check_choice("image_layer", image_layer, LAYERS)
         if num_image_neighbors < 1 or num_patch_neighbors < 1:
             raise DefectscopeError("num_image_neighbors and num_patch_neighbors must be at least 1, "
                                    f"got {num_image_neighbors} and {num_patch_neighbors}")
@@ -85,7 +86,7 @@ class SPADE(BackboneDetector):
         k = min(self.num_image_neighbors, len(self.image_index))
         return self.image_index.search(pooled, k)
 
-    def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _predict(self, images: torch.Tensor) -> Prediction:
         pooled, emb = self.embed(images)
         b, d, h, w = emb.shape
         dist, nearest = self.nearest_images(pooled)
@@ -95,7 +96,7 @@ class SPADE(BackboneDetector):
             gallery = NearestNeighbors(self.patches[nearest[i]].reshape(-1, d), exact=True)
             k = min(self.num_patch_neighbors, len(gallery))
             patch_scores[i] = gallery.search(queries[i], k)[0].mean(1)
-        return dist.mean(1), anomaly_maps(patch_scores.reshape(b, h, w), images.shape[-2:], self.blur_sigma)
+        return Prediction(dist.mean(1), anomaly_maps(patch_scores.reshape(b, h, w), images.shape[-2:], self.blur_sigma))
 
     @property
     def image_index(self) -> NearestNeighbors:

@@ -29,60 +29,44 @@ with lr 1e-4; a CPU budget needs the faster rate.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..data import ImageDataset, iterate_batches
+from ..data.dataset import Batch
 from ..errors import DefectscopeError
 from ..nn.distillation import (
     RunningMoments,
+    StridedHeads,
     TeacherTargets,
     batch_targets,
     conv_block,
     squared_distance,
-    stride_index,
 )
+from ..nn.state import under_prefix, with_prefix
 from ..postprocess import anomaly_maps
-from ..training import CachedImages, cosine_schedule, shuffled_batches
-from .backbone_detector import BackboneDetector
-from .base import fitted
-from .trained import TrainedDetector
+from ..training import cosine_schedule
+from .base import Prediction, fitted
+from .distillation import DistillationDetector
+from .params import base_params, check_at_least
 
 
 def _leaky() -> nn.Module:
     return nn.LeakyReLU(0.01)
 
 
-class Student(nn.Module):
+class Student(StridedHeads):
     """Strided CNN with a 1x1 regression head at every requested stride: image -> descriptors (finest first)."""
 
     def __init__(self, channels: Sequence[int], levels: Sequence[int], width: int) -> None:
-        super().__init__()
-        self.stages = nn.ModuleList()
-        self.heads = nn.ModuleDict()
-        c_in = 3
-        for level in range(1, max(levels) + 1):
-            w = max(width // 2 ** max(3 - level, 0), 8)
-            stage = [conv_block(c_in, w, stride=2, activation=_leaky)]
-            if level > 1:
-                stage.append(conv_block(w, w, activation=_leaky))
-            self.stages.append(nn.Sequential(*stage))
-            if level in levels:
-                self.heads[str(level)] = nn.Conv2d(w, channels[levels.index(level)], 1)
-            c_in = w
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        outputs = []
-        for level, stage in enumerate(self.stages, start=1):
-            x = stage(x)
-            if str(level) in self.heads:
-                outputs.append(self.heads[str(level)](x))
-        return outputs
+        super().__init__(channels, levels, lambda level: max(width // 2 ** max(3 - level, 0), 8),
+                         partial(conv_block, activation=_leaky))
 
 
-class UninformedStudents(TrainedDetector, BackboneDetector):
+class UninformedStudents(DistillationDetector):
     """Ensemble of students regressing pretrained patch features; score = error + variance."""
 
     name = "students"
@@ -105,12 +89,9 @@ class UninformedStudents(TrainedDetector, BackboneDetector):
         threshold_sigmas: float = 3.0,
         seed: int = 0,
     ) -> None:
-        super().__init__(backbone=backbone, layers=layers, weights=weights, epochs=epochs, lr=lr,
-                         time_budget=time_budget, image_size=image_size, batch_size=batch_size,
-                         calibration_fraction=calibration_fraction, threshold_sigmas=threshold_sigmas, seed=seed)
-        levels = [stride_index(layer) for layer in self.layers]
-        if levels != sorted(set(levels)):
-            raise DefectscopeError(f"layers must be distinct strides, finest first, e.g. s8,s16; got {list(layers)}")
+        super().__init__(**base_params(UninformedStudents, locals()))
+        check_at_least(1, width=width)
+        check_at_least(0, weight_decay=weight_decay)
         if n_students < 2:
             raise DefectscopeError(f"n_students must be at least 2 (the variance needs an ensemble), got {n_students}")
         self.n_students = n_students
@@ -124,9 +105,8 @@ class UninformedStudents(TrainedDetector, BackboneDetector):
 
     # -- networks --------------------------------------------------------------------------------
     def _build(self) -> nn.ModuleList:
-        levels = [stride_index(layer) for layer in self.layers]
         channels = self.extractor.channels
-        return nn.ModuleList(Student(channels, levels, self.width) for _ in range(self.n_students)).to(self.device)
+        return nn.ModuleList(Student(channels, self.levels, self.width) for _ in range(self.n_students)).to(self.device)
 
     @property
     def students(self) -> nn.ModuleList:
@@ -134,7 +114,8 @@ class UninformedStudents(TrainedDetector, BackboneDetector):
 
     def _normalised_teacher(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         stats = fitted(self, self._teacher_stats)
-        return [(f.float() - m.view(1, -1, 1, 1)) / s.view(1, -1, 1, 1) for f, (m, s) in zip(features, stats)]
+        return [(f.float() - m.to(f.device).view(1, -1, 1, 1)) / s.to(f.device).view(1, -1, 1, 1)
+                for f, (m, s) in zip(features, stats)]
 
     def _error_and_variance(self, images: torch.Tensor, targets: Sequence[torch.Tensor]
                             ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -151,19 +132,19 @@ class UninformedStudents(TrainedDetector, BackboneDetector):
 
     # -- fit / predict ---------------------------------------------------------------------------
     def _fit(self, dataset: ImageDataset) -> None:
-        data = TeacherTargets.compute(CachedImages(dataset), self.features, self.batch_size)
+        data = self.teacher_targets(dataset)
         n = len(self.layers)
         moments = [RunningMoments() for _ in range(n)]
         for feature, m in zip(data.features, moments):
             for chunk in feature.split(64):
                 m.update(chunk)
-        self._teacher_stats = [(m.mean().to(self.device), m.std().to(self.device)) for m in moments]
+        self._teacher_stats = [(m.mean(), m.std()) for m in moments]
 
         torch.manual_seed(self.seed)
         self._students = students = self._build()
         optimizer = torch.optim.Adam(students.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
-        def step(batch: dict) -> torch.Tensor:
+        def step(batch: Batch) -> torch.Tensor:
             images = batch["image"].to(self.device)
             targets = self._normalised_teacher(batch_targets(batch, n, self.device))
             loss = images.new_zeros(())
@@ -171,8 +152,7 @@ class UninformedStudents(TrainedDetector, BackboneDetector):
                 loss = loss + sum(squared_distance(o, t).mean() for o, t in zip(student(images), targets))
             return loss / len(students)
 
-        self.train({"students": students}, optimizer,
-                   lambda epoch: shuffled_batches(data, self.batch_size, seed=self.seed, epoch=epoch), step,
+        self.train({"students": students}, optimizer, self.epoch_batches(data), step,
                    lr_schedule=cosine_schedule(self.epochs))
         self._score_stats = self._fit_score_stats(data)
 
@@ -187,12 +167,11 @@ class UninformedStudents(TrainedDetector, BackboneDetector):
             for k, (e, v) in enumerate(self._error_and_variance(batch["image"].to(self.device), targets)):
                 errors[k].update(e.reshape(1, 1, -1))
                 variances[k].update(v.reshape(1, 1, -1))
-        return torch.stack([torch.cat([e.mean(), e.std(), v.mean(), v.std()]) for e, v in zip(errors, variances)]
-                           ).to(self.device)
+        return torch.stack([torch.cat([e.mean(), e.std(), v.mean(), v.std()]) for e, v in zip(errors, variances)])
 
-    def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _predict(self, images: torch.Tensor) -> Prediction:
         targets = self._normalised_teacher(self.extractor(images))
-        stats = fitted(self, self._score_stats)
+        stats = fitted(self, self._score_stats).to(images.device)
         size = tuple(targets[0].shape[-2:])
         total = None
         for k, (error, variance) in enumerate(self._error_and_variance(images, targets)):
@@ -201,20 +180,14 @@ class UninformedStudents(TrainedDetector, BackboneDetector):
             score = F.interpolate(score[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
             total = score if total is None else total + score
         maps = anomaly_maps(total / len(targets), tuple(images.shape[-2:]), self.blur_sigma)
-        return maps.flatten(1).amax(1), maps
+        return Prediction(maps.flatten(1).amax(1), maps)
 
     # -- device / state --------------------------------------------------------------------------
-    def _to_device(self, device: torch.device) -> None:
-        super()._to_device(device)
-        if self._students is not None:
-            self._students.to(device)
-        if self._teacher_stats is not None:
-            self._teacher_stats = [(m.to(device), s.to(device)) for m, s in self._teacher_stats]
-        if self._score_stats is not None:
-            self._score_stats = self._score_stats.to(device)
+    def _modules(self) -> dict[str, nn.Module | None]:
+        return super()._modules() | {"students": self._students}
 
     def _state(self) -> dict[str, torch.Tensor]:
-        tensors = {f"students.{k}": v for k, v in self.students.state_dict().items()}
+        tensors = with_prefix("students", self.students)
         for k, (mean, std) in enumerate(fitted(self, self._teacher_stats)):
             tensors[f"teacher_mean.{k}"], tensors[f"teacher_std.{k}"] = mean, std
         tensors["score_stats"] = fitted(self, self._score_stats)
@@ -222,8 +195,7 @@ class UninformedStudents(TrainedDetector, BackboneDetector):
 
     def _load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         students = self._build()
-        students.load_state_dict({k.removeprefix("students."): v for k, v in tensors.items()
-                                  if k.startswith("students.")})
+        students.load_state_dict(under_prefix(tensors, "students"))
         self._students = students.eval()
         self._teacher_stats = [(tensors[f"teacher_mean.{k}"], tensors[f"teacher_std.{k}"])
                                for k in range(len(self.layers))]
@@ -231,4 +203,3 @@ class UninformedStudents(TrainedDetector, BackboneDetector):
         if stats.shape != (len(self.layers), 4):
             raise ValueError(f"score_stats must have shape ({len(self.layers)}, 4), got {tuple(stats.shape)}")
         self._score_stats = stats
-        self._to_device(self.device)

@@ -8,17 +8,15 @@ interrupted run from its last checkpoint.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import torch
 
-from ..data import ImageDataset, Sample
 from ..errors import DefectscopeError
-from ..training import StepResult, Trainer, TrainingLog
+from ..training import StepResult, Trainer, TrainingLog, check_schedule
 from .base import Detector
 
 # Parameters that may change between an interrupted run and its resumption.
@@ -30,12 +28,9 @@ class TrainedDetector(Detector):
 
     def __init__(self, *, epochs: int, lr: float, time_budget: float | None, **common: Any) -> None:
         super().__init__(**common)
-        if epochs < 1:
-            raise DefectscopeError(f"epochs must be at least 1, got {epochs}")
+        check_schedule(epochs, time_budget)
         if lr <= 0:
             raise DefectscopeError(f"lr must be positive, got {lr}")
-        if time_budget is not None and time_budget <= 0:
-            raise DefectscopeError(f"time_budget must be positive seconds or None, got {time_budget}")
         self.epochs = epochs
         self.lr = lr
         self.time_budget = time_budget
@@ -43,26 +38,41 @@ class TrainedDetector(Detector):
         self.resume = False
         self.training_log: TrainingLog | None = None
 
-    def fit(self, data: str | os.PathLike | ImageDataset | Iterable[Sample], *,
-            defects: Iterable[Sample] | None = None, checkpoint_dir: str | os.PathLike | None = None,
-            resume: bool = False) -> Self:
-        """Fit as :meth:`Detector.fit`; with ``checkpoint_dir`` training state is saved there as it goes,
-        and ``resume=True`` continues from the checkpoint found there."""
-        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    def _start_run(self, checkpoint_dir: Path | None, resume: bool) -> None:
+        self.checkpoint_dir = checkpoint_dir
         self.resume = resume
-        return super().fit(data, defects=defects)
+
+    def trainer(self, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer, *,
+                epochs: int | None = None, time_budget: float | None = None, stage: str | None = None,
+                desc: str | None = None, **options: Any) -> Trainer:
+        """The shared training loop over ``modules`` (already on ``self.device``) for this run.
+
+        By default it trains ``epochs`` within ``time_budget`` with checkpoints in ``checkpoint_dir``;
+        a later ``stage`` (e.g. DDAD's domain adaptation) gives its own epochs, no budget unless
+        given, and keeps its checkpoints in a subfolder of that name.
+        """
+        params = {k: v for k, v in self.get_params().items() if k not in RESUMABLE_CHANGES}
+        identity: dict[str, Any] = {"method": self.name, "params": params}
+        checkpoint_dir = self.checkpoint_dir
+        if stage is None:
+            epochs, time_budget = self.epochs, self.time_budget
+        else:
+            identity["stage"] = stage
+            if checkpoint_dir is not None:
+                checkpoint_dir = checkpoint_dir / stage.replace(" ", "_")
+        if epochs is None:
+            raise ValueError(f"training stage {stage!r} needs its number of epochs")
+        return Trainer(modules, optimizer, epochs=epochs, seed=self.seed, time_budget=time_budget,
+                       checkpoint_dir=checkpoint_dir, resume=self.resume, identity=identity,
+                       desc=desc or f"training {self.name}", **options)
 
     def train(self, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
               batches: Callable[[int], Iterable[Any]], step: Callable[[Any], StepResult], *,
               lr_schedule: Callable[[int], float] | None = None, desc: str | None = None,
               max_grad_norm: float | None = None, checkpoint_every: float = 30.0) -> TrainingLog:
-        """Run the shared training loop over ``modules`` (already on ``self.device``)."""
-        params = {k: v for k, v in self.get_params().items() if k not in RESUMABLE_CHANGES}
-        trainer = Trainer(modules, optimizer, epochs=self.epochs, seed=self.seed, time_budget=self.time_budget,
-                          checkpoint_dir=self.checkpoint_dir, resume=self.resume,
-                          identity={"method": self.name, "params": params}, lr_schedule=lr_schedule,
-                          desc=desc or f"training {self.name}", max_grad_norm=max_grad_norm,
-                          checkpoint_every=checkpoint_every)
+        """Run the main training of this method; its log goes to ``fit_info["training"]``."""
+        trainer = self.trainer(modules, optimizer, lr_schedule=lr_schedule, desc=desc, max_grad_norm=max_grad_norm,
+                               checkpoint_every=checkpoint_every)
         self.training_log = trainer.run(batches, step)
         return self.training_log
 

@@ -14,6 +14,7 @@ from defectscope.metrics.curves import (
 )
 from defectscope.metrics.pro import aupro, pro_curve
 from defectscope.metrics.summary import (
+    assess,
     compute_metrics,
     compute_metrics_and_curves,
     image_metrics,
@@ -21,6 +22,7 @@ from defectscope.metrics.summary import (
 )
 
 __all__ = [
+    "assess",
     "aupro",
     "auroc",
     "average_precision",

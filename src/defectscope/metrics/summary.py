@@ -3,6 +3,8 @@
 Image metrics need both good and defective test images and raise ValueError otherwise. Pixel
 metrics return NaN (with a RuntimeWarning) when the masks hold no anomalous pixel (or no normal
 pixel): a test split without pixel annotations still gets its image metrics instead of failing.
+:func:`assess` is what an evaluation run calls: it never raises or warns for a property of the
+data, but computes what is defined and says in notes what was skipped or how an odd case counts.
 """
 
 from __future__ import annotations
@@ -126,3 +128,85 @@ def _clip_curve(x: np.ndarray, y: np.ndarray, x_max: float) -> Curve:
         y_end = ys[-1] + (y[k] - ys[-1]) * (x_max - xs[-1]) / (x[k] - xs[-1])
         xs, ys = np.append(xs, x_max), np.append(ys, y_end)
     return xs, ys
+
+
+#: At most this many images are named one by one in the notes of one kind; the rest are counted.
+NAMED_IN_NOTES = 10
+
+
+def _named_notes(names: list[str], text: str, kind: str) -> list[str]:
+    """``"<name>: <text>"`` for the first :data:`NAMED_IN_NOTES` names, then one count of the rest."""
+    notes = [f"{name}: {text}" for name in names[:NAMED_IN_NOTES]]
+    if len(names) > NAMED_IN_NOTES:
+        notes.append(f"{len(names) - NAMED_IN_NOTES} more {kind} not named here")
+    return notes
+
+
+def assess(
+    labels: object,
+    scores: object,
+    masks: object = None,
+    maps: object = None,
+    has_mask: object = None,
+    names: list[str] | None = None,
+    n_points: int = 300,
+) -> tuple[dict[str, float], dict[str, Curve], list[str]]:
+    """Metrics, curves and notes of an evaluation, skipping what the data leaves undefined.
+
+    ``has_mask`` (N,) is False for images whose pixels must not be scored (defects without a
+    mask); ``names`` (N,) name the images in the notes. Image metrics are skipped with a note
+    when only one class or a non-finite score is present; pixel metrics when a defect image has
+    no mask, when a map holds a non-finite value, or when every defect image's mask is empty. A
+    defect image with an empty mask still counts as defective for the image metrics and adds no
+    defective pixel to the pixel metrics; a note names it.
+    """
+    y, s = np.asarray(labels), np.asarray(scores)
+    n = int(y.shape[0]) if y.ndim else 0
+    names = [str(i) for i in range(n)] if names is None else list(names)
+    if n == 0:
+        return {}, {}, ["metrics skipped: no image was scored"]
+    if len(np.unique(y)) < 2:
+        only = "defective" if y[0] == 1 else "good"
+        return {}, {}, [f"ranking metrics skipped: they need good and defective images, all {n} are {only}"]
+    finite = np.isfinite(s)
+    if not finite.all():
+        skipped = f"ranking metrics skipped: {int((~finite).sum())} image(s) have a non-finite score"
+        bad = [names[i] for i in np.flatnonzero(~finite)]
+        return {}, {}, [skipped, *_named_notes(bad, "non-finite score", "images with a non-finite score")]
+    if masks is None or maps is None:
+        metrics, curves = compute_metrics_and_curves(y, s, n_points=n_points)
+        return metrics, curves, []
+    m, a = np.asarray(masks), np.asarray(maps)
+    if has_mask is not None and not np.asarray(has_mask).all():
+        metrics, curves = compute_metrics_and_curves(y, s, n_points=n_points)
+        return metrics, curves, ["pixel metrics skipped: some defect images have no ground-truth mask (image-level only)"]
+    defect = y == 1
+    empty = defect & ~m.reshape(n, -1).any(axis=1)
+    finite_maps = np.isfinite(a.reshape(n, -1)).all(axis=1)
+    notes: list[str] = []
+    pixels = True
+    if empty[defect].all():
+        notes.append(
+            f"pixel metrics skipped: the ground-truth masks of all {int(defect.sum())} defect images are empty "
+            "(no defective pixel); they still count as defective for the image metrics"
+        )
+        pixels = False
+    elif empty.any():
+        notes += _named_notes(
+            [names[i] for i in np.flatnonzero(empty)],
+            "defect image with an empty ground-truth mask: it counts as defective for the image metrics "
+            "and adds no defective pixel to the pixel metrics",
+            "defect images with an empty mask",
+        )
+    if pixels and not finite_maps.all():
+        notes.append(f"pixel metrics skipped: {int((~finite_maps).sum())} anomaly map(s) hold non-finite values")
+        notes += _named_notes(
+            [names[i] for i in np.flatnonzero(~finite_maps)], "anomaly map holds non-finite values",
+            "images with non-finite maps",
+        )
+        pixels = False
+    if not pixels:
+        metrics, curves = compute_metrics_and_curves(y, s, n_points=n_points)
+        return metrics, curves, notes
+    metrics, curves = compute_metrics_and_curves(y, s, m, a, n_points=n_points)
+    return metrics, curves, notes

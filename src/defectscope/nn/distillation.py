@@ -60,6 +60,39 @@ def conv_block(in_channels: int, out_channels: int, *, stride: int = 1, kernel: 
     return nn.Sequential(*layers)
 
 
+class StridedHeads(nn.Module):
+    """A CNN of stride-2 stages (stage ``l`` at stride 2**l) with a 1x1 head after each of ``levels``.
+
+    Stage ``l`` has ``width(l)`` channels and is one strided ``block(c_in, c_out, stride=2)``,
+    followed from stage 2 on by a ``block(c, c)``; the head at level ``levels[i]`` maps to
+    ``channels[i]``. The output is the list of head outputs, finest first.
+    """
+
+    def __init__(self, channels: Sequence[int], levels: Sequence[int], width: Callable[[int], int],
+                 block: Callable[..., nn.Module], head_bias: bool = True) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList()
+        self.heads = nn.ModuleDict()
+        c_in = 3
+        for level in range(1, max(levels) + 1):
+            w = width(level)
+            stage = [block(c_in, w, stride=2)]
+            if level > 1:
+                stage.append(block(w, w))
+            self.stages.append(nn.Sequential(*stage))
+            if level in levels:
+                self.heads[str(level)] = nn.Conv2d(w, channels[list(levels).index(level)], 1, bias=head_bias)
+            c_in = w
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outputs = []
+        for level, stage in enumerate(self.stages, start=1):
+            x = stage(x)
+            if str(level) in self.heads:
+                outputs.append(self.heads[str(level)](x))
+        return outputs
+
+
 def stride_index(layer: str) -> int:
     """log2 of a backbone layer's stride: "s2" -> 1, "s16" -> 4."""
     stride = int(layer.removeprefix("s"))

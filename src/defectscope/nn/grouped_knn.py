@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import torch
 
+from .knn import Neighbours
+
 _CHUNK = 2048  # queries per matrix product: bounds the temporary distance matrix to chunk x bank
 
 
 def nearest_excluding_groups(queries: torch.Tensor, bank: torch.Tensor, k: int,
                              query_groups: torch.Tensor | None = None, bank_groups: torch.Tensor | None = None,
-                             chunk: int = _CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+                             chunk: int = _CHUNK) -> Neighbours:
     """Euclidean distances (Q, k) and indices (Q, k) of the k nearest ``bank`` rows of each query.
 
     ``query_groups`` (Q,) or (Q, G) holds the group ids each query must not be matched with
@@ -44,5 +46,5 @@ def nearest_excluding_groups(queries: torch.Tensor, bank: torch.Tensor, k: int,
         dists.append(values.sqrt_())
         indices.append(index)
     if not dists:
-        return torch.empty(0, k), torch.empty(0, k, dtype=torch.long)
-    return torch.cat(dists), torch.cat(indices)
+        return Neighbours(torch.empty(0, k), torch.empty(0, k, dtype=torch.long))
+    return Neighbours(torch.cat(dists), torch.cat(indices))

@@ -8,12 +8,20 @@ neighbour for about 98 % of queries and a near-tie otherwise, at a small fractio
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import faiss
 import numpy as np
 import torch
 
 IVF_MIN_BANK = 8192  # below this a flat index is fast enough
+
+
+class Neighbours(NamedTuple):
+    """The k nearest bank vectors of Q queries, nearest first."""
+
+    distances: torch.Tensor  # (Q, k) Euclidean
+    indices: torch.Tensor  # (Q, k) rows of the bank
 
 
 class NearestNeighbors:
@@ -38,9 +46,9 @@ class NearestNeighbors:
     def __len__(self) -> int:
         return self.bank.shape[0]
 
-    def search(self, queries: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, queries: torch.Tensor, k: int = 1) -> Neighbours:
         """Euclidean distances (Q, k) and bank indices (Q, k) of the k nearest bank vectors."""
         faiss.omp_set_num_threads(torch.get_num_threads())
         q = np.ascontiguousarray(queries.detach().float().numpy())
         dist, idx = self._index.search(q, k)
-        return torch.from_numpy(dist).clamp_min_(0.0).sqrt_(), torch.from_numpy(idx)
+        return Neighbours(torch.from_numpy(dist).clamp_min_(0.0).sqrt_(), torch.from_numpy(idx))

@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .overlay import input_name, overlay_name
+from ..outputs import atomic_write
+from ..records import Record
 
 REPORT_FILE = "report.html"
 _GOOD, _BAD, _LINE, _THRESHOLD = "#2a7ab0", "#d0452f", "#222222", "#e08a00"
@@ -32,35 +33,43 @@ table.metrics { border-collapse: collapse; } table.metrics td, table.metrics th 
 .card { border: 3px solid #ddd; padding: 4px; width: 264px; font-size: 12px; }
 .card img { width: 128px; height: 128px; object-fit: contain; background: #eee; }
 .card.wide { width: 396px; }
-.card.fp, .card.fn { border-color: #d0452f; background: #fdf0ed; }
+.card.fp, .card.fn, .card.error { border-color: #d0452f; background: #fdf0ed; }
 .flag { color: #d0452f; font-weight: bold; }
 .name { overflow-wrap: anywhere; }
 """
 
 
-def write_report(folder: Path, summary: dict[str, Any], records: Sequence[dict[str, Any]],
+def write_report(folder: Path, summary: dict[str, Any], records: Sequence[Record],
                  curves: dict[str, tuple[np.ndarray, np.ndarray]], with_images: bool = True,
                  with_reconstructions: bool = False) -> Path:
     """Write ``folder/report.html`` for a test run.
 
     ``summary`` is what ``metrics.json`` holds (run, data, metrics, threshold, ...), ``records``
     the per-image records of the evaluation and ``curves`` its thinned curves. With
-    ``with_images``, each image card links ``overlays/inputs/<name>`` and ``overlays/<name>``, and
-    with ``with_reconstructions`` also ``overlays/reconstructions/<name>`` (between the two).
+    ``with_images``, each image card shows the record's overlay ``overlays/<name>.png`` and the
+    input ``overlays/inputs/<name>.jpg``, and with ``with_reconstructions`` also
+    ``overlays/reconstructions/<name>.jpg`` (between the two). Images with the verdict ``error``
+    are listed first and counted in the header.
     """
     threshold = summary.get("threshold")
-    labels = np.array([r["label"] for r in records], dtype=int)
-    scores = np.array([r["score"] for r in records], dtype=np.float64)
+    judged = [r for r in records if r.verdict != "error"]
+    errors = [r for r in records if r.verdict == "error"]
+    labels = np.array([r.label for r in judged], dtype=int)
+    scores = np.array([r.score for r in judged], dtype=np.float64)
     n_fp = sum(_flag(r) == "fp" for r in records)
     n_fn = sum(_flag(r) == "fn" for r in records)
     facts = [
         f"run: {summary.get('run', '')}", f"data: {summary.get('data', '')}",
-        f"{len(records)} images: {int((labels == 0).sum())} good, {int((labels == 1).sum())} defective",
+        f"{len(records)} images: {sum(r.label == 0 for r in records)} good, "
+        f"{sum(r.label == 1 for r in records)} defective",
         f"threshold: {_fmt(threshold) if threshold is not None else 'none (model not calibrated)'}",
         f"{summary.get('images_per_second', float('nan'))} images/s",
     ]
     if threshold is not None:
         facts.append(f"{n_fp} false positives, {n_fn} false negatives at the threshold")
+    if errors:
+        facts.append(f"{len(errors)} image(s) could not be judged (verdict error): "
+                     + "; ".join(f"{Path(r.path).name}: {r.reason}" for r in errors[:5]))
     facts += [f"note: {note}" for note in summary.get("notes", [])]
     plots = []
     if "roc" in curves:
@@ -72,8 +81,10 @@ def write_report(folder: Path, summary: dict[str, Any], records: Sequence[dict[s
     if "pro" in curves:
         plots.append(_line_plot("Pixel per-region overlap", "false positive rate", "PRO", curves["pro"],
                                 (0.0, 0.3), summary["metrics"].get("aupro"), "AUPRO"))
-    plots.append(_histogram(scores, labels, threshold))
-    cards = [_card(r, with_images, with_reconstructions) for r in sorted(records, key=lambda r: -r["score"])]
+    if scores.size:
+        plots.append(_histogram(scores, labels, threshold))
+    cards = [_card(r, with_images, with_reconstructions)
+             for r in [*errors, *sorted(judged, key=lambda r: -r.score)]]
     layout = ("Left: input. Middle: the model's reconstruction (what the part should look like). Right: anomaly map"
               if with_reconstructions else "Left: input. Right: anomaly map")
     page = [
@@ -90,9 +101,7 @@ def write_report(folder: Path, summary: dict[str, Any], records: Sequence[dict[s
         "defective image judged good).</p>",
         '<div class="grid">', *cards, "</div>", "</body></html>",
     ]
-    path = Path(folder) / REPORT_FILE
-    path.write_text("\n".join(page) + "\n", encoding="utf-8")
-    return path
+    return atomic_write(Path(folder) / REPORT_FILE, "\n".join(page) + "\n")
 
 
 def _esc(value: object) -> str:
@@ -103,10 +112,12 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.4f}"
 
 
-def _flag(record: dict[str, Any]) -> str | None:
-    """'fp' / 'fn' where the verdict contradicts the label, None where it agrees or is unknown."""
-    verdict = record.get("anomalous")
-    if verdict is None or bool(verdict) == bool(record["label"]):
+def _flag(record: Record) -> str | None:
+    """'fp' / 'fn' where the verdict contradicts the label, 'error' where there is none to trust."""
+    if record.verdict == "error":
+        return "error"
+    verdict = record.anomalous
+    if verdict is None or verdict == bool(record.label):
         return None
     return "fp" if verdict else "fn"
 
@@ -116,25 +127,23 @@ def _metrics_table(metrics: dict[str, float]) -> str:
     return f'<table class="metrics" id="metrics"><tr><th>metric</th><th>value</th></tr>{rows}</table>'
 
 
-def _card(record: dict[str, Any], with_images: bool, with_reconstructions: bool = False) -> str:
+def _card(record: Record, with_images: bool, with_reconstructions: bool = False) -> str:
     flag = _flag(record)
-    verdict = record.get("anomalous")
-    verdict_text = "not calibrated" if verdict is None else ("anomalous" if verdict else "good")
-    flag_text = {"fp": "false positive", "fn": "false negative"}.get(flag or "", "")
-    name = f"{record['defect_type']}/{Path(record['path']).name}"
+    verdict_text = "not calibrated" if record.verdict is None else record.verdict
+    flag_text = {"fp": "false positive", "fn": "false negative", "error": record.reason or "error"}.get(flag or "", "")
+    name = f"{record.defect_type}/{Path(record.path).name}"
     images = ""
-    if with_images:
-        shown = _esc(input_name(record["path"], record["defect_type"]))
-        images = (f'<img src="overlays/inputs/{shown}" alt="input {_esc(name)}" loading="lazy">'
-                  + (f'<img src="overlays/reconstructions/{shown}" alt="reconstruction {_esc(name)}" loading="lazy">'
-                     if with_reconstructions else "")
-                  + f'<img src="overlays/{_esc(overlay_name(record["path"], record["defect_type"]))}" '
-                  f'alt="anomaly map {_esc(name)}" loading="lazy">')
+    if with_images and record.overlay:
+        stem = Path(record.overlay).stem
+        images = (f'<img src="overlays/inputs/{_esc(stem)}.jpg" alt="input {_esc(name)}" loading="lazy">'
+                  + (f'<img src="overlays/reconstructions/{_esc(stem)}.jpg" alt="reconstruction {_esc(name)}" '
+                     'loading="lazy">' if with_reconstructions else "")
+                  + f'<img src="{_esc(record.overlay)}" alt="anomaly map {_esc(name)}" loading="lazy">')
     wide = " wide" if with_images and with_reconstructions else ""
-    return (f'<div class="card {flag or "ok"}{wide}" data-score="{record["score"]:.6g}" data-label="{record["label"]}">'
+    return (f'<div class="card {flag or "ok"}{wide}" data-score="{record.score:.6g}" data-label="{record.label}">'
             f"{images}<div class=\"name\">{_esc(name)}</div>"
-            f"<div>score {record['score']:.4g} &middot; verdict {verdict_text}"
-            + (f' &middot; <span class="flag">{flag_text}</span>' if flag_text else "") + "</div></div>")
+            f"<div>score {record.score:.4g} &middot; verdict {_esc(verdict_text)}"
+            + (f' &middot; <span class="flag">{_esc(flag_text)}</span>' if flag_text else "") + "</div></div>")
 
 
 # -- SVG plots ---------------------------------------------------------------------------------

@@ -45,11 +45,37 @@ def display_max(threshold: float | None, amap: torch.Tensor) -> float:
     return 1.5 * threshold if threshold else float(amap.max())
 
 
-def overlay_name(path: str, defect_type: str) -> str:
-    """File name of an image's overlay: unique across defect-type folders."""
-    return f"{defect_type}_{Path(path).stem}.png"
+def unique_names(paths: list[str]) -> list[str]:
+    """A distinct, readable file-name stem for each path (same order).
 
+    The stem of the file name where that is unique; where several paths share it, as many parent
+    folders as it takes to tell them apart (``good_000`` / ``broken_000``), and the extension
+    last (``000_png`` / ``000_jpg``). Separators become ``_``, so names never leave their folder;
+    a path named twice is numbered.
+    """
+    def candidates(path: str) -> list[str]:
+        p = Path(path)
+        parents = [part for part in p.parent.parts if part not in ("/", "\\", ".", "..")]
+        found = ["_".join([*parents[len(parents) - k:], p.stem]) for k in range(len(parents) + 1)]
+        return found + ["_".join([*parents, p.stem, p.suffix.lstrip(".")])]
 
-def input_name(path: str, defect_type: str) -> str:
-    """File name of an image's resized input, next to its overlay's name (JPEG: it is only for viewing)."""
-    return f"{defect_type}_{Path(path).stem}.jpg"
+    distinct = list(dict.fromkeys(paths))
+    options = [candidates(p) for p in distinct]
+    level = [0] * len(distinct)
+    while True:
+        names = [o[k] for o, k in zip(options, level)]
+        counts: dict[str, int] = {}
+        for n in names:
+            counts[n] = counts.get(n, 0) + 1
+        clashing = [i for i, n in enumerate(names) if counts[n] > 1 and level[i] < len(options[i]) - 1]
+        if not clashing:
+            break
+        for i in clashing:
+            level[i] += 1
+    by_path = dict(zip(distinct, names))
+    seen: dict[str, int] = {}
+    out = []
+    for path in paths:
+        seen[path] = seen.get(path, 0) + 1
+        out.append(by_path[path] if seen[path] == 1 else f"{by_path[path]}_{seen[path]}")
+    return out
