@@ -54,24 +54,41 @@ def run_one(method: str, data_dir: Path, backbone: str, image_size: int | None, 
     with tempfile.TemporaryDirectory() as folder:
         model_bytes = sum(f.stat().st_size for f in det.save(folder).iterdir())
     training = det.fit_info.get("training") or {}
-    return {"fit_s": fit_s, "img_per_s": result.images_per_second, "peak_rss_gb": peak_kb / 1024**2,
-            "model_mb": model_bytes / 1024**2, "image_size": det.image_size, "epochs": training.get("epochs_done"),
-            **result.metrics}
+    return {
+        "fit_s": fit_s,
+        "img_per_s": result.images_per_second,
+        "peak_rss_gb": peak_kb / 1024**2,
+        "model_mb": model_bytes / 1024**2,
+        "image_size": det.image_size,
+        "epochs": training.get("epochs_done"),
+        **result.metrics,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets-root",
-                        default=os.environ.get("DEFECTSCOPE_DATASETS", str(REPO.parent / "shared" / "datasets")))
+    parser.add_argument(
+        "--datasets-root", default=os.environ.get("DEFECTSCOPE_DATASETS", str(REPO.parent / "shared" / "datasets"))
+    )
     from defectscope.methods import METHODS
 
-    parser.add_argument("--methods", nargs="+", default=FEATURE_METHODS, choices=sorted(METHODS),
-                        help="methods to run (default: the feature-based ones; trained methods take minutes each)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=FEATURE_METHODS,
+        choices=sorted(METHODS),
+        help="methods to run (default: the feature-based ones; trained methods take minutes each)",
+    )
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--backbones", nargs="+", default=BACKBONES)
     parser.add_argument("--image-size", type=int, help="input size (default: each method's own default)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
-                        help="extra method parameter, given to every method that has it")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="extra method parameter, given to every method that has it",
+    )
     parser.add_argument("--one", nargs=3, metavar=("METHOD", "DATA_DIR", "BACKBONE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     params = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
@@ -86,9 +103,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         with_backbone = "backbone" in method_params(method, {"backbone": None})
         for name in args.datasets:
             for backbone in args.backbones if with_backbone else ["-"]:
-                cmd = [sys.executable, str(SCRIPT), "--one", method, str(Path(args.datasets_root) / DATASETS[name]),
-                       backbone] + (["--image-size", str(args.image_size)] if args.image_size else []) \
-                    + sum((["--set", s] for s in args.set), [])
+                cmd = (
+                    [
+                        sys.executable,
+                        str(SCRIPT),
+                        "--one",
+                        method,
+                        str(Path(args.datasets_root) / DATASETS[name]),
+                        backbone,
+                    ]
+                    + (["--image-size", str(args.image_size)] if args.image_size else [])
+                    + [word for s in args.set for word in ("--set", s)]
+                )
                 env = dict(os.environ, DEFECTSCOPE_NO_PROGRESS="1")
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 label = METHODS[method].__name__ + (f", {backbone}" if with_backbone else "")
@@ -98,12 +124,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                     continue
                 r = json.loads(proc.stdout.strip().splitlines()[-1])
                 trained = f", {r['epochs']} epochs" if r.get("epochs") else ""
-                print(f"| {name} | {label} ({r['image_size']} px{trained}) | {r['image_auroc']:.3f} | "
-                      f"{r['pixel_auroc']:.3f} | {r['aupro']:.3f} | {r['fit_s']:.1f} | {r['img_per_s']:.1f} | "
-                      f"{r['peak_rss_gb']:.2f} GB | {r['model_mb']:.1f} MB |", flush=True)
-    print(f"\ncommand: python bench/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}\n"
-          f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"Python {platform.python_version()}\ndate: {date.today()}")
+                print(
+                    f"| {name} | {label} ({r['image_size']} px{trained}) | {r['image_auroc']:.3f} | "
+                    f"{r['pixel_auroc']:.3f} | {r['aupro']:.3f} | {r['fit_s']:.1f} | {r['img_per_s']:.1f} | "
+                    f"{r['peak_rss_gb']:.2f} GB | {r['model_mb']:.1f} MB |",
+                    flush=True,
+                )
+    print(
+        f"\ncommand: python bench/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}\n"
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}\ndate: {date.today()}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Fit + test benchmark of PatchCore alone: ``bench_methods.py --methods patchcore`` (same options).
 
-    python bench/bench_patchcore.py --datasets mvtec_bottle --backbones efficientnet_lite0
+python bench/bench_patchcore.py --datasets mvtec_bottle --backbones efficientnet_lite0
 """
 
 import sys
@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_methods import main  # noqa: E402
+from bench_methods import main
 
 if __name__ == "__main__":
     main(["--methods", "patchcore", *sys.argv[1:]])

@@ -48,11 +48,17 @@ def run_one(method: str, dirs: list[Path], k: int, exclude_k: int, params: dict)
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets-root",
-                        default=os.environ.get("DEFECTSCOPE_DATASETS", str(REPO.parent / "shared" / "datasets")))
+    parser.add_argument(
+        "--datasets-root", default=os.environ.get("DEFECTSCOPE_DATASETS", str(REPO.parent / "shared" / "datasets"))
+    )
     parser.add_argument("--method", default="dmad")
-    parser.add_argument("--ks", nargs="*", type=int, default=[1, 5, 10],
-                        help="labelled defects per category for the unified semi-supervised rows (none: skip)")
+    parser.add_argument(
+        "--ks",
+        nargs="*",
+        type=int,
+        default=[1, 5, 10],
+        help="labelled defects per category for the unified semi-supervised rows (none: skip)",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -70,20 +76,34 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for kind, names, k in rows:
         spec = json.dumps({"categories": names, "k": k, "exclude_k": top_k})
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--method", args.method, "--one", spec,
-               "--datasets-root", args.datasets_root] + sum((["--set", s] for s in args.set), [])
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--method",
+            args.method,
+            "--one",
+            spec,
+            "--datasets-root",
+            args.datasets_root,
+            *[word for s in args.set for word in ("--set", s)],
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, DEFECTSCOPE_NO_PROGRESS="1"))
         if proc.returncode != 0:
             print(f"| {kind} | {k} | {', '.join(names)} | failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]} |")
             continue
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         for category, m in result["per_category"].items():
-            print(f"| {kind} | {k} | {category} | {m['image_auroc']:.3f} | {m['pixel_auroc']:.3f} | "
-                  f"{m['pixel_ap']:.3f} | {m['aupro']:.3f} | {result['fit_s']:.0f} |", flush=True)
-    print(f"\ncommand: python bench/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}\n"
-          f"test images: the {top_k} labelled defects per category of the largest K are left out of every row\n"
-          f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"Python {platform.python_version()}\ndate: {date.today()}")
+            print(
+                f"| {kind} | {k} | {category} | {m['image_auroc']:.3f} | {m['pixel_auroc']:.3f} | "
+                f"{m['pixel_ap']:.3f} | {m['aupro']:.3f} | {result['fit_s']:.0f} |",
+                flush=True,
+            )
+    print(
+        f"\ncommand: python bench/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}\n"
+        f"test images: the {top_k} labelled defects per category of the largest K are left out of every row\n"
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}\ndate: {date.today()}"
+    )
 
 
 if __name__ == "__main__":

@@ -214,13 +214,13 @@ def test_weights_dir_file_loads_strictly_and_reproduces_the_network(
     with torch.no_grad():
         torch.testing.assert_close(create_classifier("resnet18")(x), native_resnet18(_imagenet_normalize(x)))
         s8, s16 = create_backbone("resnet18")(x)
-        torch.testing.assert_close(s8, _native_features(native_resnet18, x, 3), atol=3e-4, rtol=1e-3)  # batch norms folded
+        torch.testing.assert_close(
+            s8, _native_features(native_resnet18, x, 3), atol=3e-4, rtol=1e-3
+        )  # batch norms folded
     assert s16.shape == (2, 256, 4, 4)
 
 
-def test_weights_dir_takes_precedence_over_the_package(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_weights_dir_takes_precedence_over_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     copy = tmp_path / "mobilenet_v2-b0353104.pth"
     copy.write_bytes(resolve_weights("mobilenet_v2").read_bytes())
     monkeypatch.setenv(WEIGHTS_DIR_ENV, str(tmp_path))

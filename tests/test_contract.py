@@ -26,8 +26,16 @@ TINY: dict[str, dict[str, Any]] = {
     "patchcore": {"image_size": 64},
     "padim": {"image_size": 64},
     "spade": {"image_size": 64},
-    "dmad": {"image_size": 64, "synthetic_images": 8, "anomaly_bank_size": 128, "defect_views": 2,
-             "croppaste_images": 2, "max_train_patches": 500, "epochs": 1, "patch_batch": 256},
+    "dmad": {
+        "image_size": 64,
+        "synthetic_images": 8,
+        "anomaly_bank_size": 128,
+        "defect_views": 2,
+        "croppaste_images": 2,
+        "max_train_patches": 500,
+        "epochs": 1,
+        "patch_batch": 256,
+    },
     "reverse_distillation": {"image_size": 64, "epochs": 1, "batch_size": 8, "embed_dim": 32},
     "students": {"image_size": 64, "epochs": 1, "batch_size": 8, "n_students": 2, "width": 16},
     "mkd": {"image_size": 64, "epochs": 1, "batch_size": 8, "width": 16},
@@ -181,11 +189,18 @@ def test_param_spec_parsing() -> None:
     assert specs["layers"].parse("s4,s8") == ("s4", "s8") == specs["layers"].parse('["s4", "s8"]')
     assert specs["step_range"].parse("50, 300") == (50, 300)
     assert specs["distance"].parse("pixel") == "pixel" and specs["distance"].choices == ("both", "pixel", "feature")
-    for spec, raw, expected in [("batch_size", "8.5", "integer"), ("lr", "nan", "finite"), ("lr", "inf", "finite"),
-                                ("lr", "fast", "number"), ("exact_search", "maybe", "true or false"),
-                                ("time_budget", "soon", "or none"), ("step_range", "1,2,3", "2 comma-separated"),
-                                ("step_range", "1,x", "integer"), ("distance", "l2", "one of both, pixel, feature"),
-                                ("layers", "[1, 2", "JSON list")]:
+    for spec, raw, expected in [
+        ("batch_size", "8.5", "integer"),
+        ("lr", "nan", "finite"),
+        ("lr", "inf", "finite"),
+        ("lr", "fast", "number"),
+        ("exact_search", "maybe", "true or false"),
+        ("time_budget", "soon", "or none"),
+        ("step_range", "1,2,3", "2 comma-separated"),
+        ("step_range", "1,x", "integer"),
+        ("distance", "l2", "one of both, pixel, feature"),
+        ("layers", "[1, 2", "JSON list"),
+    ]:
         with pytest.raises(DefectscopeError, match=expected) as info:
             specs[spec].parse(raw)
         assert str(info.value).startswith(f"{spec}={raw}: expected") and "\n" not in str(info.value)

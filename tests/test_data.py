@@ -87,7 +87,7 @@ def _noise_png_bytes(fmt: str) -> bytes:
 
 
 def test_image_extensions_are_lower_case_suffixes() -> None:
-    assert IMAGE_EXTENSIONS == {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+    assert {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"} == IMAGE_EXTENSIONS
 
 
 def test_mvtec_samples_lists_sorted_splits_with_masks(tmp_path: Path) -> None:
@@ -396,7 +396,7 @@ def test_image_to_tensor() -> None:
     assert same.dtype == torch.float32 and same.is_contiguous()
     assert torch.equal(same, torch.from_numpy(pixels).permute(2, 0, 1).float() / 255)
     square = image_to_tensor(img, 32)
-    assert square.shape == (3, 32, 32) and 0.0 <= square.min() and square.max() <= 1.0
+    assert square.shape == (3, 32, 32) and square.min() >= 0.0 and square.max() <= 1.0
     exact = F.interpolate(
         torch.from_numpy(pixels).permute(2, 0, 1)[None].double() / 255, size=(32, 32), mode="bilinear", antialias=True
     )[0]

@@ -21,9 +21,11 @@ TINY = {"image_size": 32, "unet": "tiny", "epochs": 2, "steps": 3, "batch_size":
 
 def _oracle(x0: torch.Tensor, abar: torch.Tensor) -> dm.NoiseModel:
     """A noise model that knows the clean image: its prediction always leads exactly back to ``x0``."""
+
     def predict(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         a = dm.gather_abar(abar, t)
         return (x_t - a.sqrt() * x0) / (1 - a).sqrt()
+
     return predict
 
 
@@ -52,7 +54,19 @@ def glad(example_root: Path) -> GLAD:
 def test_schedule_is_ddads_linear_ddpm_schedule(abar: torch.Tensor) -> None:
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
     torch.testing.assert_close(abar.double(), torch.cumprod(1 - betas, 0), rtol=1e-5, atol=1e-7)
-    assert dm.ddim_timesteps(torch.tensor([250]), 10)[:, 0].tolist() == [249, 224, 199, 174, 149, 124, 99, 74, 49, 24, -1]
+    assert dm.ddim_timesteps(torch.tensor([250]), 10)[:, 0].tolist() == [
+        249,
+        224,
+        199,
+        174,
+        149,
+        124,
+        99,
+        74,
+        49,
+        24,
+        -1,
+    ]
     assert dm.gather_abar(abar, torch.tensor([-1, 0])).flatten().tolist() == [1.0, pytest.approx(1 - 1e-4)]
 
 
@@ -72,8 +86,9 @@ def test_conditioning_pulls_the_reconstruction_towards_the_target(abar: torch.Te
     """A model whose prior is a grey image reconstructs grey; w pulls the result towards the input."""
     grey = torch.zeros(1, 3, 8, 8)
     y = torch.linspace(-1, 1, 3 * 64).reshape(1, 3, 8, 8)
-    errors = [(dm.ddim_denoise(_oracle(grey, abar), y, 250, 10, abar, w=w) - y).abs().mean().item()
-              for w in (0.0, 1.0, 4.0)]
+    errors = [
+        (dm.ddim_denoise(_oracle(grey, abar), y, 250, 10, abar, w=w) - y).abs().mean().item() for w in (0.0, 1.0, 4.0)
+    ]
     assert errors[0] == pytest.approx(y.abs().mean().item(), rel=1e-4)  # w = 0: the prior's grey image
     assert errors[0] > errors[1] > errors[2]
 
@@ -87,8 +102,9 @@ def test_ddim_step_matches_diffusers_and_recovers_the_clean_image(abar: torch.Te
     # with the true noise a deterministic step lands on the clean image noised to the earlier level
     torch.testing.assert_close(dm.ddim_step(x_t, eps, a_t, a_prev), dm.add_noise(x0, eps, a_prev))
     torch.testing.assert_close(dm.ddim_step(x_t, eps, a_t, torch.ones_like(a_t)), x0, atol=1e-5, rtol=1e-5)
-    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                                         clip_sample=False)
+    scheduler = diffusers.DDIMScheduler(
+        num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", clip_sample=False
+    )
     scheduler.set_timesteps(10)
     other = torch.randn(2, 3, 4, 4, generator=generator)  # any model output
     expected = scheduler.step(other, 500, x_t, eta=0.0).prev_sample
@@ -96,7 +112,8 @@ def test_ddim_step_matches_diffusers_and_recovers_the_clean_image(abar: torch.Te
     # eta = 1: the DDPM posterior variance (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
     sigma = ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
     shift = dm.ddim_step(x_t, eps, a_t, a_prev, eta=1.0, noise=torch.ones_like(x0)) - dm.ddim_step(
-        x_t, eps, a_t, a_prev, eta=1.0, noise=torch.zeros_like(x0))
+        x_t, eps, a_t, a_prev, eta=1.0, noise=torch.zeros_like(x0)
+    )
     torch.testing.assert_close(shift, sigma.expand_as(shift))
 
 
@@ -190,12 +207,13 @@ def test_glad_fusion_keeps_normal_regions_of_the_input(glad: GLAD, monkeypatch: 
 
 
 @pytest.mark.parametrize("name", ["ddad", "glad"])
-def test_reconstructions_and_batch_independent_scores(name: str, request: pytest.FixtureRequest,
-                                                      test_batch: dict) -> None:
+def test_reconstructions_and_batch_independent_scores(
+    name: str, request: pytest.FixtureRequest, test_batch: dict
+) -> None:
     det = request.getfixturevalue(name)
     pred = det.predict(test_batch)
     assert pred.reconstructions is not None and pred.reconstructions.shape == (4, 3, 32, 32)
-    assert 0 <= pred.reconstructions.min() and pred.reconstructions.max() <= 1
+    assert pred.reconstructions.min() >= 0 and pred.reconstructions.max() <= 1
     torch.testing.assert_close(det.reconstruct(test_batch["image"]), pred.reconstructions)
     alone = det.predict(test_batch["image"][2:3])  # a score does not depend on the rest of the batch
     torch.testing.assert_close(alone.scores, pred.scores[2:3], atol=1e-5, rtol=1e-5)
@@ -204,16 +222,19 @@ def test_reconstructions_and_batch_independent_scores(name: str, request: pytest
 
 def test_ddad_adapts_its_feature_extractor_and_keeps_it(ddad: DDAD, tmp_path: Path) -> None:
     assert ddad.fit_info["domain_adaptation"]["images"] == 4
-    changed = [not torch.equal(a, b) for a, b in zip(ddad.feature_extractor.state_dict().values(),
-                                                      ddad.extractor.state_dict().values())]
+    changed = [
+        not torch.equal(a, b)
+        for a, b in zip(ddad.feature_extractor.state_dict().values(), ddad.extractor.state_dict().values())
+    ]
     assert any(changed)
     loaded = load(ddad.save(tmp_path / "ddad"))
     for key, value in ddad.feature_extractor.state_dict().items():
         assert torch.equal(loaded.feature_extractor.state_dict()[key], value), key
 
 
-def test_baseline_is_plain_ddim_with_the_pixel_distance(ddad: DDAD, test_batch: dict,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_baseline_is_plain_ddim_with_the_pixel_distance(
+    ddad: DDAD, test_batch: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(ddad, "w", 0.0)
     monkeypatch.setattr(ddad, "distance", "pixel")
     images = test_batch["image"]
@@ -239,9 +260,14 @@ def test_glad_accepts_a_pretrained_unet_and_autoencoder(example_root: Path, tmp_
     """A user's diffusers folders: GLAD fine-tunes the UNet in the autoencoder's latent space and round-trips."""
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
-                                  sample_size=32)
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+    )
     vae.save_pretrained(tmp_path / "vae")
     unet = dm.build_unet("tiny", 16, channels=4)
     unet.save_pretrained(tmp_path / "unet")

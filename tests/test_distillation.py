@@ -152,9 +152,15 @@ def test_bad_parameters_are_clear_errors() -> None:
 
 # -- interrupted training resumes to the same model ---------------------------------------------------
 @pytest.mark.parametrize("name", list(SETTINGS))
-def test_killed_run_resumes_like_an_uninterrupted_one(name: str, fitted: dict, test_images: dict, example_root: Path,
-                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                      frequent_checkpoints: None) -> None:
+def test_killed_run_resumes_like_an_uninterrupted_one(
+    name: str,
+    fitted: dict,
+    test_images: dict,
+    example_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    frequent_checkpoints: None,
+) -> None:
     reference, _ = fitted[name]
     _crash_in_second_epoch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
@@ -166,15 +172,31 @@ def test_killed_run_resumes_like_an_uninterrupted_one(name: str, fitted: dict, t
     training = resumed.fit_info["training"]
     assert training["resumed_from_epoch"] == 1 and training["epochs_done"] == 2
     images = test_images["image"]
-    np.testing.assert_allclose(resumed.predict(images).scores.numpy(), reference.predict(images).scores.numpy(),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        resumed.predict(images).scores.numpy(), reference.predict(images).scores.numpy(), rtol=1e-4, atol=1e-5
+    )
 
 
-def test_cli_resume_continues_an_interrupted_fit(example_root: Path, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch, frequent_checkpoints: None) -> None:
+def test_cli_resume_continues_an_interrupted_fit(
+    example_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, frequent_checkpoints: None
+) -> None:
     run = tmp_path / "run"
-    args = ["fit", str(example_root), "--method", "reverse_distillation", "--epochs", "2", "--image-size", str(SIZE),
-            "--batch-size", "8", "--set", "embed_dim=64", "--out", str(run)]
+    args = [
+        "fit",
+        str(example_root),
+        "--method",
+        "reverse_distillation",
+        "--epochs",
+        "2",
+        "--image-size",
+        str(SIZE),
+        "--batch-size",
+        "8",
+        "--set",
+        "embed_dim=64",
+        "--out",
+        str(run),
+    ]
     _crash_in_second_epoch(monkeypatch)
     assert main(args) == 130  # interrupted: the epoch-1 checkpoint stays
     monkeypatch.setattr(Trainer, "_step", REAL_STEP)
@@ -182,4 +204,3 @@ def test_cli_resume_continues_an_interrupted_fit(example_root: Path, tmp_path: P
     assert main([*args, "--resume"]) == 0
     training = load(run).fit_info["training"]
     assert training["resumed_from_epoch"] == 1 and training["epochs_done"] == 2
-

@@ -14,8 +14,16 @@ from defectscope.methods.base import split_calibration
 from defectscope.methods.dmad import DMAD, knowledge
 from defectscope.nn.grouped_knn import nearest_excluding_groups
 
-SMALL = {"image_size": 64, "synthetic_images": 16, "anomaly_bank_size": 256, "defect_views": 4,
-         "croppaste_images": 4, "max_train_patches": 2000, "epochs": 3, "patch_batch": 256}
+SMALL = {
+    "image_size": 64,
+    "synthetic_images": 16,
+    "anomaly_bank_size": 256,
+    "defect_views": 4,
+    "croppaste_images": 4,
+    "max_train_patches": 2000,
+    "epochs": 3,
+    "patch_batch": 256,
+}
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +49,9 @@ def test_unsupervised_fit_fills_both_banks_and_scores(unsupervised: DMAD, split:
     assert metrics["image_auroc"] >= 0.95 and metrics["pixel_auroc"] >= 0.93
 
 
-def test_labelled_defects_grow_the_anomaly_bank(unsupervised: DMAD, split: tuple[list, list],
-                                                example_root: Path) -> None:
+def test_labelled_defects_grow_the_anomaly_bank(
+    unsupervised: DMAD, split: tuple[list, list], example_root: Path
+) -> None:
     labelled, rest = split
     det = DMAD(**SMALL).fit(example_root, defects=labelled)
     info = det.fit_info
@@ -89,11 +98,23 @@ def test_training_matches_skip_the_query_own_group() -> None:
     anomaly = torch.randn(6, 5, generator=gen)
     anomaly_groups = torch.tensor([0, 0, 1, 2, 3, 3])
     query, group = bank[4:5], torch.tensor([1])
-    loo = knowledge(query, bank, nearest_excluding_groups(query, bank, 2, group, groups),
-                    anomaly, nearest_excluding_groups(query, anomaly, 2, group, anomaly_groups), 1.5)
+    loo = knowledge(
+        query,
+        bank,
+        nearest_excluding_groups(query, bank, 2, group, groups),
+        anomaly,
+        nearest_excluding_groups(query, anomaly, 2, group, anomaly_groups),
+        1.5,
+    )
     others, others_a = bank[groups != 1], anomaly[anomaly_groups != 1]
-    held_out = knowledge(query, others, nearest_excluding_groups(query, others, 2),
-                         others_a, nearest_excluding_groups(query, others_a, 2), 1.5)
+    held_out = knowledge(
+        query,
+        others,
+        nearest_excluding_groups(query, others, 2),
+        others_a,
+        nearest_excluding_groups(query, others_a, 2),
+        1.5,
+    )
     assert loo.shape == (1, 3 * 5 + 2 * 2) and torch.allclose(loo, held_out, atol=1e-5)
     with pytest.raises(ValueError, match="fewer than 3"):
         nearest_excluding_groups(query, anomaly[:3], 3, group, anomaly_groups[:3])

@@ -53,7 +53,7 @@ def test_focal_loss_is_cross_entropy_at_gamma_zero_and_downweights_easy_pixels()
     # a single pixel: -(1 - p)^2 log p, with p the softmax probability of the true class
     p = torch.tensor(0.25)
     one = torch.stack([torch.log(1 - p), torch.log(p)]).view(1, 2, 1, 1)
-    expected = -(1 - p) ** 2 * torch.log(p)
+    expected = -((1 - p) ** 2) * torch.log(p)
     assert torch.allclose(focal_loss(one, torch.ones(1, 1, 1, dtype=torch.long)), expected, atol=1e-6)
 
 
@@ -81,8 +81,9 @@ def test_training_loss_falls(fitted_run: tuple[DRAEM, Path]) -> None:
     assert len(losses) == 4 and losses[-1] < losses[0]
 
 
-def test_resume_loads_the_final_checkpoint_without_training(fitted_run: tuple[DRAEM, Path], example_root: Path,
-                                                           test_images: torch.Tensor) -> None:
+def test_resume_loads_the_final_checkpoint_without_training(
+    fitted_run: tuple[DRAEM, Path], example_root: Path, test_images: torch.Tensor
+) -> None:
     det, checkpoints = fitted_run
     resumed = DRAEM(epochs=4, **SETTINGS).fit(example_root, checkpoint_dir=checkpoints, resume=True)
     training = resumed.fit_info["training"]

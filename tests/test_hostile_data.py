@@ -151,8 +151,12 @@ def test_special_files_stop_every_listing(tmp_path: Path, make, fragment: str) -
     with _raises_naming(special, fragment):
         folder_samples(folder)
     cat = _category(tmp_path)
-    for split, place in (("train", "train/good"), ("test", "test/good"), ("test", "test/crack"),
-                         ("test", "ground_truth/crack")):
+    for split, place in (
+        ("train", "train/good"),
+        ("test", "test/good"),
+        ("test", "test/crack"),
+        ("test", "ground_truth/crack"),
+    ):
         target = make(cat / place / "zz.png")
         with _raises_naming(target, fragment):
             mvtec_samples(cat, split)
@@ -252,7 +256,7 @@ def test_oversized_image_is_refused_from_its_header(tmp_path: Path, monkeypatch:
     big = _bomb_png(tmp_path / "big.png", 10000, 10000)
     with _raises_naming(big, "10000x10000", "DEFECTSCOPE_MAX_PIXELS"):
         load_image(big)
-    assert Image.MAX_IMAGE_PIXELS == pillow_limit
+    assert pillow_limit == Image.MAX_IMAGE_PIXELS
 
     image = _png(tmp_path / "twenty.png", size=20)
     monkeypatch.setenv("DEFECTSCOPE_MAX_PIXELS", "399")
@@ -358,8 +362,9 @@ def test_large_image_resize_stays_close_to_exact() -> None:
     y, x = np.mgrid[0:1200, 0:1000]
     pixels = np.stack([x * 255 // 999, y * 255 // 1199, ((x // 100 + y // 100) % 2) * 255], axis=2).astype(np.uint8)
     resized = image_to_tensor(Image.fromarray(pixels), 128).double()  # box-reduced by 2 first
-    exact = F.interpolate(torch.from_numpy(pixels).permute(2, 0, 1)[None].double() / 255, size=(128, 128),
-                          mode="bilinear", antialias=True)[0]
+    exact = F.interpolate(
+        torch.from_numpy(pixels).permute(2, 0, 1)[None].double() / 255, size=(128, 128), mode="bilinear", antialias=True
+    )[0]
     assert (resized - exact).abs().mean() < 0.5 / 255 and (resized - exact).abs().max() < 3 / 255
 
 
@@ -416,16 +421,22 @@ def test_many_empty_masks_are_counted_past_ten() -> None:
 def test_undefined_metrics_become_notes() -> None:
     labels, scores, masks, maps = _case()
     assert assess(labels[:3], scores[:3])[2] == [
-        "ranking metrics skipped: they need good and defective images, all 3 are good"]
+        "ranking metrics skipped: they need good and defective images, all 3 are good"
+    ]
     assert assess(labels[:0], scores[:0])[2] == ["metrics skipped: no image was scored"]
     bad = scores.copy()
     bad[1] = np.nan
     metrics, _, notes = assess(labels, bad, masks, maps, names=list("abcdef"))
-    assert metrics == {} and notes[0].endswith("1 image(s) have a non-finite score") and notes[1] == "b: non-finite score"
+    assert (
+        metrics == {} and notes[0].endswith("1 image(s) have a non-finite score") and notes[1] == "b: non-finite score"
+    )
     maps[5, 0, 0] = np.inf
     metrics, _, notes = assess(labels, scores, masks, maps, names=list("abcdef"))
     assert "pixel_auroc" not in metrics and "image_auroc" in metrics
-    assert notes == ["pixel metrics skipped: 1 anomaly map(s) hold non-finite values", "f: anomaly map holds non-finite values"]
+    assert notes == [
+        "pixel metrics skipped: 1 anomaly map(s) hold non-finite values",
+        "f: anomaly map holds non-finite values",
+    ]
     image_only = np.array([True] * 5 + [False])
     assert "image-level only" in assess(labels, scores, masks, maps, image_only)[2][0]
 

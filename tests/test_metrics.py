@@ -128,9 +128,7 @@ def bottle_case(bottle_root: Path):
 def test_ranking_metrics_match_sklearn(seed: int, decimals: int | None) -> None:
     labels, scores = random_image_case(seed, decimals=decimals)
     assert auroc(labels, scores) == pytest.approx(skm.roc_auc_score(labels, scores), abs=1e-12)
-    assert average_precision(labels, scores) == pytest.approx(
-        skm.average_precision_score(labels, scores), abs=1e-12
-    )
+    assert average_precision(labels, scores) == pytest.approx(skm.average_precision_score(labels, scores), abs=1e-12)
 
     fpr, tpr, thresholds = roc_curve(labels, scores)
     sk_fpr, sk_tpr, sk_thresholds = skm.roc_curve(labels, scores, drop_intermediate=False)

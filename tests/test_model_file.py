@@ -48,8 +48,9 @@ def run(base_run: Path, tmp_path: Path) -> Path:
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mode)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mode) for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def _edit_config(folder: Path, edit: Callable[[dict[str, Any]], Any]) -> None:
@@ -76,6 +77,7 @@ def _refused(folder: Path, *needles: str, error: type[Exception] = ModelFileErro
 def _set_calibration(**values: Any) -> Callable[[dict[str, Any]], None]:
     def edit(config: dict[str, Any]) -> None:
         config["calibration"].update(values)
+
     return edit
 
 
@@ -135,9 +137,11 @@ CONFIG_CASES: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
     ("all-zero scores of a non-negative method", _consistent(0.0, 0.0, 0.0, 3), "calibration.threshold"),
     ("negative mean of a non-negative method", _consistent(-5.0, 1.0, -4.0, 3), "calibration.mean"),
     ("stats overflow", _set_calibration(mean=1e308, std=1e308, max=1e308, threshold=1.7e308), "not finite"),
-    ("sigmas differ from threshold_sigmas", lambda c: (c["calibration"].update(sigmas=0.0),
-                                                        c["calibration"].update(threshold=c["calibration"]["max"])),
-     "calibration.sigmas"),
+    (
+        "sigmas differ from threshold_sigmas",
+        lambda c: (c["calibration"].update(sigmas=0.0), c["calibration"].update(threshold=c["calibration"]["max"])),
+        "calibration.sigmas",
+    ),
     ("backbone weights hash format", lambda c: c.update(backbone_weights_sha256=7), "backbone_weights_sha256"),
     ("backbone weights hash missing", lambda c: c.pop("backbone_weights_sha256"), "backbone_weights_sha256"),
     ("key of another method's kind", lambda c: c.update(unet_config={}), "unet_config"),
@@ -307,8 +311,13 @@ else:
 
 
 def _save_in_subprocess(how: str, source: Path, target: Path, limit: int = 0, size: int = 0) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-c", _SAVE_SCRIPT, how, str(source), str(target), str(limit), str(size)],
-                          check=False, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", _SAVE_SCRIPT, how, str(source), str(target), str(limit), str(size)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -28,8 +28,9 @@ def test_streaming_covariance_equals_numpy() -> None:
         gaussian.update(torch.from_numpy(part).float())
     x = data.astype(np.float32).astype(np.float64)
     for p in range(data.shape[1]):
-        np.testing.assert_allclose(gaussian.covariance()[p].numpy(), np.cov(x[:, p], rowvar=False), rtol=1e-6,
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            gaussian.covariance()[p].numpy(), np.cov(x[:, p], rowvar=False), rtol=1e-6, atol=1e-6
+        )
         np.testing.assert_allclose(gaussian.mean()[p].numpy(), x[:, p].mean(0), rtol=1e-9)
     assert gaussian.count == 37
 

@@ -80,7 +80,7 @@ def test_tampered_truncated_and_missing_model_files(fitted: tuple[PatchCore, Pat
 def test_calibration_split_is_seeded_and_disjoint(example_root: Path) -> None:
     samples = mvtec_samples(example_root, "train")
     fit_a, cal_a = split_calibration(samples, 0.1, 0)
-    fit_b, cal_b = split_calibration(samples, 0.1, 0)
+    _fit_b, cal_b = split_calibration(samples, 0.1, 0)
     assert cal_a == cal_b and not set(fit_a) & set(cal_a)
     assert len(fit_a) + len(cal_a) == len(samples) and len(cal_a) == 3
 

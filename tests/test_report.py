@@ -17,8 +17,23 @@ from defectscope.metrics import aupro, compute_metrics, compute_metrics_and_curv
 
 def _fit_and_test(method: str, example_root: Path, root: Path) -> Path:
     """Fit and test a run through the CLI; returns the test output folder."""
-    assert main(["fit", str(example_root), "--method", method, "--out", str(root / "run"),
-                 "--image-size", "128", "--backbone", "mobilenet_v2"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                str(example_root),
+                "--method",
+                method,
+                "--out",
+                str(root / "run"),
+                "--image-size",
+                "128",
+                "--backbone",
+                "mobilenet_v2",
+            ]
+        )
+        == 0
+    )
     assert main(["test", str(root / "run"), "--out", str(root / "test")]) == 0
     return root / "test"
 
@@ -89,7 +104,7 @@ def test_cli_end_to_end(tested: Path, example_root: Path, capsys: pytest.Capture
 
 def test_report_holds_metrics_curves_and_every_image(tested: Path) -> None:
     summary = json.loads((tested / "metrics.json").read_text())
-    rows = list(csv.DictReader(open(tested / "predictions.csv")))
+    rows = list(csv.DictReader((tested / "predictions.csv").open()))
     parser = _ReportParser()
     parser.feed((tested / "report.html").read_text())
 
@@ -113,15 +128,31 @@ def test_report_holds_metrics_curves_and_every_image(tested: Path) -> None:
     assert flagged.count("fp") == wrong["fp"] and flagged.count("fn") == wrong["fn"]
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None,
-                    reason="chromium is not installed (apt-get install -y chromium) to render the report")
+@pytest.mark.skipif(
+    shutil.which("chromium") is None,
+    reason="chromium is not installed (apt-get install -y chromium) to render the report",
+)
 def test_report_renders_in_headless_chromium(padim_test: Path, tmp_path: Path) -> None:
     png = tmp_path / "report.png"
-    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync", "--no-first-run",
-                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={png}", "--window-size=1200,2000",
-                    (padim_test / "report.html").resolve().as_uri()],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={png}",
+            "--window-size=1200,2000",
+            (padim_test / "report.html").resolve().as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     pixels = np.asarray(Image.open(png).convert("RGB"))
     assert pixels.shape[:2] == (2000, 1200)
     not_white = (pixels < 240).any(axis=2)
@@ -158,7 +189,9 @@ def test_report_shows_reconstructions_of_reconstruction_methods(example_root: Pa
     from defectscope.cli import main
     from defectscope.methods.draem import DRAEM
 
-    DRAEM(image_size=64, base_channels=4, disc_channels=4, epochs=1, batch_size=8).fit(example_root).save(tmp_path / "run")
+    DRAEM(image_size=64, base_channels=4, disc_channels=4, epochs=1, batch_size=8).fit(example_root).save(
+        tmp_path / "run"
+    )
     assert main(["test", str(tmp_path / "run"), str(example_root), "--out", str(tmp_path / "t")]) == 0
     page = (tmp_path / "t" / "report.html").read_text()
     shown = sorted((tmp_path / "t" / "overlays" / "reconstructions").iterdir())

@@ -70,8 +70,9 @@ def test_non_finite_scores_are_errors_never_good(fitted: Path, example_root: Pat
     assert "error" in (tmp_path / "t" / "report.html").read_text()
 
 
-def test_cli_exits_3_when_an_image_errored(fitted: Path, example_root: Path, monkeypatch: pytest.MonkeyPatch,
-                                           capsys: pytest.CaptureFixture) -> None:
+def test_cli_exits_3_when_an_image_errored(
+    fitted: Path, example_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     import defectscope.runs.prediction as prediction
 
     def damaged(folder: Path):  # type: ignore[no-untyped-def]

@@ -59,7 +59,8 @@ def test_image_knn_retrieves_the_images_of_the_same_kind(tmp_path: Path) -> None
 
 
 def test_map_is_the_distance_to_the_retrieved_images_patches(
-        fitted: tuple[SPADE, Path], example_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fitted: tuple[SPADE, Path], example_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Each position scores its distance to the nearest patch of its K images (here unblurred)."""
     det, _ = fitted
     monkeypatch.setattr(det, "num_image_neighbors", 5)

@@ -8,7 +8,6 @@ import torch
 from PIL import Image
 
 from defectscope.cli import main
-from defectscope.runs.synthesis import changed_pixels, round_robin, to_uint8
 from defectscope.data import ImageDataset, mvtec_samples
 from defectscope.data.synth import (
     KINDS,
@@ -22,6 +21,7 @@ from defectscope.data.synth import (
     perlin_noise,
 )
 from defectscope.errors import DefectscopeError
+from defectscope.runs.synthesis import changed_pixels, round_robin, to_uint8
 
 SIZE = 96
 
@@ -49,7 +49,7 @@ def assert_exact(image: torch.Tensor, out: torch.Tensor, mask: torch.Tensor) -> 
     inside = mask.bool()
     assert torch.equal(out[:, ~inside], image[:, ~inside])
     assert bool(((out - image).abs().amax(dim=0)[inside] >= 1 / 255).all())
-    assert 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -168,11 +168,24 @@ def test_synth_dataset_is_deterministic_per_seed_epoch_index(good: ImageDataset)
         dataset[len(dataset)]
 
 
-def test_cli_writes_mvtec_layout_with_exact_masks(example_root: Path, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture) -> None:
+def test_cli_writes_mvtec_layout_with_exact_masks(
+    example_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "synth"
-    argv = ["synth", str(example_root), "--kind", "perlin", "--count", "3", "--out", str(out),
-            "--image-size", str(SIZE), "--seed", "4"]
+    argv = [
+        "synth",
+        str(example_root),
+        "--kind",
+        "perlin",
+        "--count",
+        "3",
+        "--out",
+        str(out),
+        "--image-size",
+        str(SIZE),
+        "--seed",
+        "4",
+    ]
     assert main(argv) == 0
     assert str(out / "test" / "perlin") in capsys.readouterr().out
     images = sorted((out / "test" / "perlin").iterdir())
@@ -195,15 +208,38 @@ def test_cli_writes_mvtec_layout_with_exact_masks(example_root: Path, tmp_path: 
 
     assert main(argv) == 2  # never writes over what is there
     assert "not empty" in capsys.readouterr().err
-    assert main(["synth", str(example_root), "--kind", "scar", "--count", "2", "--out", str(out),
-                 "--image-size", str(SIZE)]) == 0  # another kind goes next to it, README keeps both
+    assert (
+        main(
+            ["synth", str(example_root), "--kind", "scar", "--count", "2", "--out", str(out), "--image-size", str(SIZE)]
+        )
+        == 0
+    )  # another kind goes next to it, README keeps both
     assert "## perlin" in (out / "README.txt").read_text() and "## scar" in (out / "README.txt").read_text()
 
 
 def test_cli_croppaste_and_errors(example_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "cp"
-    assert main(["synth", str(example_root), "--kind", "croppaste", "--defects", str(example_root),
-                 "--defect-images", "2", "--count", "2", "--out", str(out), "--image-size", "64"]) == 0
+    assert (
+        main(
+            [
+                "synth",
+                str(example_root),
+                "--kind",
+                "croppaste",
+                "--defects",
+                str(example_root),
+                "--defect-images",
+                "2",
+                "--count",
+                "2",
+                "--out",
+                str(out),
+                "--image-size",
+                "64",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().err
     assert "broken_large/000.png" in printed and "broken_large/010.png" in printed
     assert "broken_large/019.png" not in printed

@@ -18,14 +18,26 @@ def images(example_root: Path) -> CachedImages:
 
 def _net() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-                               torch.nn.Dropout(0.2), torch.nn.Conv2d(8, 3, 3, padding=1))
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.Dropout(0.2),
+        torch.nn.Conv2d(8, 3, 3, padding=1),
+    )
 
 
 def _train(images: CachedImages, net: torch.nn.Module, epochs: int, **kwargs) -> Trainer:
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
-    trainer = Trainer({"net": net}, optimizer, epochs=epochs, seed=3, checkpoint_every=0.0,
-                      lr_schedule=cosine_schedule(epochs, warmup=1), **kwargs)
+    trainer = Trainer(
+        {"net": net},
+        optimizer,
+        epochs=epochs,
+        seed=3,
+        checkpoint_every=0.0,
+        lr_schedule=cosine_schedule(epochs, warmup=1),
+        **kwargs,
+    )
 
     def step(batch: dict) -> dict:
         x = batch["image"]
@@ -68,7 +80,7 @@ def test_interrupted_run_resumes_to_the_same_weights(images: CachedImages, tmp_p
     with pytest.raises(KeyboardInterrupt):
         _train(images, _net(), 4, checkpoint_dir=tmp_path)
     monkeypatch.setattr(Trainer, "_step", real_step)
-    tensors, meta = load_checkpoint(tmp_path)
+    _tensors, meta = load_checkpoint(tmp_path)
     assert meta["epoch"] == 2  # the last complete epoch is kept and readable
 
     resumed = _net()
@@ -108,8 +120,10 @@ def test_divergence_is_a_clear_error(images: CachedImages) -> None:
     net = _net()
     trainer = Trainer({"net": net}, torch.optim.SGD(net.parameters(), lr=0.1), epochs=1)
     with pytest.raises(DefectscopeError, match="diverged"):
-        trainer.run(lambda e: shuffled_batches(images, 4, seed=0, epoch=e),
-                    lambda batch: net(batch["image"]).sum() * float("nan"))
+        trainer.run(
+            lambda e: shuffled_batches(images, 4, seed=0, epoch=e),
+            lambda batch: net(batch["image"]).sum() * float("nan"),
+        )
 
 
 def test_shuffled_batches_are_seeded_per_epoch(images: CachedImages) -> None:

@@ -39,11 +39,25 @@ def test_labelled_defects_are_seeded_per_category(two_categories: Path) -> None:
         pick_labelled_defects(dirs, 99)
 
 
-def test_unified_fit_and_per_category_test(two_categories: Path, tmp_path: Path,
-                                           capsys: pytest.CaptureFixture) -> None:
+def test_unified_fit_and_per_category_test(two_categories: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run = tmp_path / "run"
-    assert main(["fit", str(two_categories), "--categories", "all", "--out", str(run), "--image-size", "64",
-                 "--backbone", "mobilenet_v2"]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                str(two_categories),
+                "--categories",
+                "all",
+                "--out",
+                str(run),
+                "--image-size",
+                "64",
+                "--backbone",
+                "mobilenet_v2",
+            ]
+        )
+        == 0
+    )
     detector = load(run)
     assert detector.fit_info["categories"] == ["cap", "neck"]
     assert detector.fit_info["n_fit_images"] + detector.fit_info["n_calibration_images"] == 60
@@ -56,8 +70,9 @@ def test_unified_fit_and_per_category_test(two_categories: Path, tmp_path: Path,
     assert "mean" in capsys.readouterr().out
 
 
-def test_labelled_defects_need_a_method_that_uses_them(example_root: Path, tmp_path: Path,
-                                                       capsys: pytest.CaptureFixture) -> None:
+def test_labelled_defects_need_a_method_that_uses_them(
+    example_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     code = main(["fit", str(example_root), "--out", str(tmp_path / "r"), "--labelled-defects", "2"])
     assert code == 2
     assert "learns from good images only" in capsys.readouterr().err

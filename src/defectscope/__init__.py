@@ -17,7 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 
-from .methods import (  # noqa: E402
+from .methods import (
     DDAD,
     DMAD,
     DRAEM,

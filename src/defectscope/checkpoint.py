@@ -55,7 +55,7 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any], 
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith(prefix + "."):
-            pid, name = key[len(prefix) + 1:].split(".", 1)
+            pid, name = key[len(prefix) + 1 :].split(".", 1)
             state.setdefault(int(pid), {})[name] = value
     for pid, values in meta["scalars"].items():
         state.setdefault(int(pid), {}).update(values)
@@ -102,8 +102,9 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
         raise ModelFileError(f"{path}: not valid JSON ({exc}); delete the checkpoint folder to start over") from None
     tensors_path = folder / CHECKPOINT_TENSORS
     if not tensors_path.is_file() or sha256_file(tensors_path) != meta.get("tensors_sha256"):
-        raise ModelFileError(f"{tensors_path}: missing or does not match {CHECKPOINT_JSON}; "
-                             "delete the checkpoint folder to start over")
+        raise ModelFileError(
+            f"{tensors_path}: missing or does not match {CHECKPOINT_JSON}; delete the checkpoint folder to start over"
+        )
     try:
         return load_file(str(tensors_path)), meta
     except (SafetensorError, OSError, ValueError) as exc:

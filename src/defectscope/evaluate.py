@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -32,8 +33,9 @@ class Evaluation:
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
-def evaluate(detector: Detector, samples: list[Sample], batch_size: int | None = None,
-             on_batch: BatchCallback | None = None) -> Evaluation:
+def evaluate(
+    detector: Detector, samples: list[Sample], batch_size: int | None = None, on_batch: BatchCallback | None = None
+) -> Evaluation:
     """Score every sample, compute image metrics and (where masks exist) pixel metrics.
 
     Pixel metrics need a mask for every defect image; when some are missing (image-level-only
@@ -54,8 +56,15 @@ def evaluate(detector: Detector, samples: list[Sample], batch_size: int | None =
         masks.append(batch["mask"].numpy())
         has_mask.append(batch["has_mask"].numpy())
         for i, path in enumerate(batch["path"]):
-            record = Record.of(path, batch["category"][i], float(pred.scores[i]), float(pred.maps[i].max()),
-                               threshold, label=int(batch["label"][i]), defect_type=batch["defect_type"][i])
+            record = Record.of(
+                path,
+                batch["category"][i],
+                float(pred.scores[i]),
+                float(pred.maps[i].max()),
+                threshold,
+                label=int(batch["label"][i]),
+                defect_type=batch["defect_type"][i],
+            )
             record.overlay = written[i] if written else None
             records.append(record)
     elapsed = time.perf_counter() - start
@@ -63,14 +72,20 @@ def evaluate(detector: Detector, samples: list[Sample], batch_size: int | None =
     notes: list[str] = []
     trusted = np.array([r.verdict != "error" for r in records], dtype=bool)
     if not trusted.all():
-        notes.append(f"{int((~trusted).sum())} image(s) got the verdict error (non-finite score) and are left out "
-                     "of the metrics")
+        notes.append(
+            f"{int((~trusted).sum())} image(s) got the verdict error (non-finite score) and are left out of the metrics"
+        )
         y, s = y[trusted], s[trusted]
         keep = np.flatnonzero(trusted)
-        maps, masks, has_mask = [np.concatenate(maps)[keep]], [np.concatenate(masks)[keep]], [np.concatenate(has_mask)[keep]]
+        maps, masks, has_mask = (
+            [np.concatenate(maps)[keep]],
+            [np.concatenate(masks)[keep]],
+            [np.concatenate(has_mask)[keep]],
+        )
     names = [r.path for r, ok in zip(records, trusted) if ok]
-    metrics, curves, metric_notes = assess(y, s, np.concatenate(masks), np.concatenate(maps),
-                                           np.concatenate(has_mask), names)
+    metrics, curves, metric_notes = assess(
+        y, s, np.concatenate(masks), np.concatenate(maps), np.concatenate(has_mask), names
+    )
     notes += metric_notes
     if threshold is not None and y.size:
         judged = np.array([r.verdict == "anomalous" for r in records if r.verdict != "error"], dtype=bool)

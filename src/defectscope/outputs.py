@@ -12,6 +12,7 @@ that the folder can be created and written.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -66,10 +67,8 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str | Callable[[IO[
         raise OutputError(f"{path}: cannot write ({_describe(exc)}); any earlier file there is unchanged") from None
     finally:
         if tmp_name is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(tmp_name)
-            except OSError:
-                pass
     return path
 
 
@@ -84,7 +83,6 @@ def atomic_save_image(path: str | os.PathLike[str], image: Any, **save_kwargs: A
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **save_kwargs)
     return atomic_write(path, buffer.getvalue())
-
 
 
 class StagedFiles:
@@ -154,10 +152,8 @@ class StagedFiles:
     def discard(self) -> None:
         """Remove the temporary files not committed yet."""
         for tmp, _ in self._staged:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            except OSError:
-                pass
         self._staged.clear()
 
 
@@ -169,6 +165,7 @@ def make_folder(folder: str | os.PathLike[str], what: str) -> Path:
     except OSError as exc:
         raise OutputError(f"{folder}: cannot create the folder for {what} ({_describe(exc)})") from None
     return folder
+
 
 def fsync_dir(folder: Path) -> None:
     """Make renames in ``folder`` durable (best effort: some file systems cannot sync a folder)."""
@@ -182,6 +179,7 @@ def fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
 
 def json_safe(value: Any) -> Any:
     """``value`` with non-finite floats replaced by None, recursively (JSON has no NaN)."""
@@ -211,8 +209,13 @@ def _writable_dir(folder: Path, what: str) -> None:
         raise OutputError(f"{folder}: cannot write {what} there ({_describe(exc)})") from None
 
 
-def prepare_output_dir(folder: str | os.PathLike[str], *, overwrite: bool = False, what: str = "results",
-                       allow: Callable[[Path], bool] | None = None) -> Path:
+def prepare_output_dir(
+    folder: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    what: str = "results",
+    allow: Callable[[Path], bool] | None = None,
+) -> Path:
     """Make ``folder`` ready for defectscope output, before any work is done.
 
     A folder that exists and holds anything must carry the :data:`MARKER` of an earlier
@@ -228,8 +231,10 @@ def prepare_output_dir(folder: str | os.PathLike[str], *, overwrite: bool = Fals
         except OSError as exc:
             raise OutputError(f"{folder}: cannot list the output folder ({_describe(exc)})") from None
         if entries and not (allow and allow(folder)):
-            raise OutputError(f"{folder}: not empty and not a defectscope output folder; choose another folder "
-                              "or pass --overwrite to write into it anyway")
+            raise OutputError(
+                f"{folder}: not empty and not a defectscope output folder; choose another folder "
+                "or pass --overwrite to write into it anyway"
+            )
     _writable_dir(folder, what)
     if not (folder / MARKER).is_file():
         atomic_write(folder / MARKER, f"defectscope {what}\n")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:
     """Normalised 1-D Gaussian kernel with radius 4 sigma."""
-    radius = max(1, int(math.ceil(4.0 * sigma)))
+    radius = max(1, math.ceil(4.0 * sigma))
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
     return kernel / kernel.sum()
@@ -92,8 +92,9 @@ class Calibration:
             raise TypeError(f"calibration must be an object or null, got {type(data).__name__}")
         rule = data.get("rule", MEAN_SIGMA)
         if not isinstance(rule, str) or rule not in _RULE_FIELDS:
-            raise ValueError(f"calibration.rule: unknown threshold rule {str(rule)[:40]!r} "
-                             f"(known: {', '.join(_RULE_FIELDS)})")
+            raise ValueError(
+                f"calibration.rule: unknown threshold rule {str(rule)[:40]!r} (known: {', '.join(_RULE_FIELDS)})"
+            )
         fields = _RULE_FIELDS[rule]
         for key in data:
             if key not in fields and key not in ("threshold", "rule"):
@@ -124,19 +125,23 @@ class Calibration:
             raise ValueError("calibration of 1 image must have std 0 and mean equal to max")
         # Samuelson's inequality: no sample lies further than std * (n - 1) / sqrt(n) from its mean.
         if top - mean > std * (n - 1) / math.sqrt(n) * (1 + 1e-9) + slack:
-            raise ValueError(f"calibration.max {top} is further above the mean {mean} than {n} scores "
-                             f"with std {std} allow")
+            raise ValueError(
+                f"calibration.max {top} is further above the mean {mean} than {n} scores with std {std} allow"
+            )
         if nonnegative_scores and mean < 0:
             raise ValueError(f"calibration.mean must not be negative (this method's scores are not), got {mean}")
         expected = mean_sigma_threshold(mean, std, top, self.sigmas)
         if not math.isfinite(expected):
             raise ValueError("calibration: the stored statistics give a threshold that is not finite")
         if not math.isclose(self.threshold, expected, rel_tol=1e-9, abs_tol=1e-300):
-            raise ValueError(f"calibration.threshold {self.threshold} does not follow from the stored statistics "
-                             f"(rule {self.rule} gives {expected})")
+            raise ValueError(
+                f"calibration.threshold {self.threshold} does not follow from the stored statistics "
+                f"(rule {self.rule} gives {expected})"
+            )
         if nonnegative_scores and self.threshold <= 0:
-            raise ValueError(f"calibration.threshold must be above 0 (this method's scores are never negative), "
-                             f"got {self.threshold}")
+            raise ValueError(
+                f"calibration.threshold must be above 0 (this method's scores are never negative), got {self.threshold}"
+            )
 
 
 #: The statistics each threshold rule stores next to the threshold.

@@ -49,12 +49,31 @@ class Record:
     reason: str | None = None
 
     @classmethod
-    def of(cls, path: str, category: str | None, score: float, max_pixel_score: float, threshold: float | None,
-           *, label: int | None = None, defect_type: str | None = None) -> Record:
+    def of(
+        cls,
+        path: str,
+        category: str | None,
+        score: float,
+        max_pixel_score: float,
+        threshold: float | None,
+        *,
+        label: int | None = None,
+        defect_type: str | None = None,
+    ) -> Record:
         verdict, reason = judge(score, threshold)
         normalized = score / threshold if threshold is not None and verdict != "error" else None
-        return cls(path, category, score, normalized, verdict, threshold, max_pixel_score,
-                   label=label, defect_type=defect_type, reason=reason)
+        return cls(
+            path,
+            category,
+            score,
+            normalized,
+            verdict,
+            threshold,
+            max_pixel_score,
+            label=label,
+            defect_type=defect_type,
+            reason=reason,
+        )
 
     @property
     def anomalous(self) -> bool | None:
@@ -78,8 +97,10 @@ def format_records(records: list[Record], fmt: str, labelled: bool = False) -> s
     """Records as JSON (strict: no bare NaN) or CSV text with a fixed header."""
     rows = [r.to_dict(labelled) for r in records]
     if fmt == "json":
-        return json.dumps([{k: _finite_or_none(v) for k, v in row.items()} for row in rows], indent=2,
-                          allow_nan=False) + "\n"
+        return (
+            json.dumps([{k: _finite_or_none(v) for k, v in row.items()} for row in rows], indent=2, allow_nan=False)
+            + "\n"
+        )
     if fmt != "csv":
         raise ValueError(f"unknown record format {fmt!r}")
     buffer = io.StringIO()

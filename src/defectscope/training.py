@@ -61,11 +61,22 @@ def epoch_seed(seed: int, epoch: int) -> int:
 class Trainer:
     """Optimises ``modules`` with ``optimizer``; see the module docstring."""
 
-    def __init__(self, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer, *, epochs: int,
-                 seed: int = 0, time_budget: float | None = None, checkpoint_dir: str | Path | None = None,
-                 resume: bool = False, identity: dict[str, Any] | None = None, checkpoint_every: float = 30.0,
-                 lr_schedule: Callable[[int], float] | None = None, desc: str = "training",
-                 max_grad_norm: float | None = None) -> None:
+    def __init__(
+        self,
+        modules: dict[str, torch.nn.Module],
+        optimizer: torch.optim.Optimizer,
+        *,
+        epochs: int,
+        seed: int = 0,
+        time_budget: float | None = None,
+        checkpoint_dir: str | Path | None = None,
+        resume: bool = False,
+        identity: dict[str, Any] | None = None,
+        checkpoint_every: float = 30.0,
+        lr_schedule: Callable[[int], float] | None = None,
+        desc: str = "training",
+        max_grad_norm: float | None = None,
+    ) -> None:
         check_schedule(epochs, time_budget)
         self.modules = modules
         self.optimizer = optimizer
@@ -90,8 +101,14 @@ class Trainer:
             tensors.update(with_prefix(f"module.{name}", module))
         optim_tensors, optim_meta = flatten_optimizer(self.optimizer.state_dict(), "optimizer")
         tensors.update(optim_tensors)
-        meta = {"identity": self.identity, "epoch": log.epochs_done, "epochs_planned": self.epochs,
-                "seconds": log.seconds, "epoch_losses": log.epoch_losses, "optimizer": optim_meta}
+        meta = {
+            "identity": self.identity,
+            "epoch": log.epochs_done,
+            "epochs_planned": self.epochs,
+            "seconds": log.seconds,
+            "epoch_losses": log.epoch_losses,
+            "optimizer": optim_meta,
+        }
         save_checkpoint(self.checkpoint_dir, tensors, meta)
 
     def _restore(self, log: TrainingLog) -> None:
@@ -109,11 +126,13 @@ class Trainer:
         if not self.resume:
             raise DefectscopeError(
                 f"{self.checkpoint_dir} holds a checkpoint of an earlier run (epoch {meta.get('epoch')}); "
-                "resume it with --resume, or delete that folder to start over")
+                "resume it with --resume, or delete that folder to start over"
+            )
         if meta.get("identity") != self.identity:
             raise DefectscopeError(
                 f"{self.checkpoint_dir}: checkpoint was written with other settings ({meta.get('identity')}) "
-                f"than this run ({self.identity}); use the same settings or delete the folder to start over")
+                f"than this run ({self.identity}); use the same settings or delete the folder to start over"
+            )
         try:
             for name, module in self.modules.items():
                 module.load_state_dict(under_prefix(tensors, f"module.{name}"))
@@ -144,8 +163,13 @@ class Trainer:
                 epoch_batches = batches(epoch)
                 if bar is None:
                     steps = len(epoch_batches) if isinstance(epoch_batches, Sized) else 0
-                    bar = tqdm(total=steps * self.epochs or None, initial=steps * log.epochs_done, unit="step",
-                               desc=self.desc, disable=not progress_enabled())
+                    bar = tqdm(
+                        total=steps * self.epochs or None,
+                        initial=steps * log.epochs_done,
+                        unit="step",
+                        desc=self.desc,
+                        disable=not progress_enabled(),
+                    )
                 bar.set_description(f"{self.desc} epoch {epoch + 1}/{self.epochs}", refresh=False)
                 total, count, out_of_time = 0.0, 0, False
                 for batch in epoch_batches:
@@ -167,8 +191,11 @@ class Trainer:
                     self._save(log)
                     last_save = time.monotonic()
         except KeyboardInterrupt:
-            where = f"; the checkpoint in {self.checkpoint_dir} is kept, continue with --resume" \
-                if self.checkpoint_dir is not None else ""
+            where = (
+                f"; the checkpoint in {self.checkpoint_dir} is kept, continue with --resume"
+                if self.checkpoint_dir is not None
+                else ""
+            )
             print(f"\ntraining interrupted in epoch {log.epochs_done + 1}{where}", flush=True)
             raise
         finally:
@@ -185,8 +212,9 @@ class Trainer:
         losses = result if isinstance(result, dict) else {"loss": result}
         loss = losses["loss"]
         if not torch.isfinite(loss):
-            raise DefectscopeError(f"training diverged in epoch {epoch + 1} (loss {loss.item()}); "
-                                   "lower the learning rate (--set lr=...)")
+            raise DefectscopeError(
+                f"training diverged in epoch {epoch + 1} (loss {loss.item()}); lower the learning rate (--set lr=...)"
+            )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.max_grad_norm is not None:
@@ -233,7 +261,7 @@ class _Subset:
         return self.source[int(self.indices[index])]
 
 
-class shuffled_batches(Sized):  # noqa: N801 - used like a function
+class shuffled_batches(Sized):
     """The batches of one epoch: ``source`` in an order seeded by ``(seed, epoch)``.
 
     Sets ``source.epoch`` first when the source has one (synthetic-anomaly datasets draw their
@@ -241,8 +269,9 @@ class shuffled_batches(Sized):  # noqa: N801 - used like a function
     need two or more images).
     """
 
-    def __init__(self, source: ItemSource, batch_size: int, *, seed: int, epoch: int, min_batch: int = 2,
-                 threads: int = 1) -> None:
+    def __init__(
+        self, source: ItemSource, batch_size: int, *, seed: int, epoch: int, min_batch: int = 2, threads: int = 1
+    ) -> None:
         if hasattr(source, "epoch"):
             source.epoch = epoch
         order = np.random.default_rng([seed, epoch]).permutation(len(source))
@@ -261,9 +290,11 @@ class shuffled_batches(Sized):  # noqa: N801 - used like a function
 
 def cosine_schedule(epochs: int, warmup: int = 0) -> Callable[[int], float]:
     """Learning-rate factor per epoch: linear warm-up, then cosine decay to 5 % of the base rate."""
+
     def factor(epoch: int) -> float:
         if epoch < warmup:
             return (epoch + 1) / (warmup + 1)
         progress = (epoch - warmup) / max(1, epochs - warmup)
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
     return factor

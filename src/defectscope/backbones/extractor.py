@@ -60,9 +60,7 @@ class FeatureExtractor(nn.Module):
     ("s8", "s16") never computes or stores the stride-32 part of the network.
     """
 
-    def __init__(
-        self, name: str, stages: Sequence[Stage], layers: Sequence[str], normalize: Normalize
-    ) -> None:
+    def __init__(self, name: str, stages: Sequence[Stage], layers: Sequence[str], normalize: Normalize) -> None:
         super().__init__()
         by_name = {stage.name: stage for stage in stages}
         depth = max(LAYERS.index(layer) for layer in layers) + 1
@@ -145,9 +143,7 @@ def create_backbone(
     return extractor
 
 
-def create_classifier(
-    name: str, weights: str | os.PathLike[str] | None = None, pretrained: bool = True
-) -> nn.Module:
+def create_classifier(name: str, weights: str | os.PathLike[str] | None = None, pretrained: bool = True) -> nn.Module:
     """The whole frozen ImageNet classifier: (B, 3, H, W) RGB in [0, 1] -> (B, 1000) logits."""
     spec = _check_name(name)
     model = _build(name, weights, pretrained)

@@ -114,8 +114,7 @@ def _download(name: str, spec: WeightFile, dst: Path) -> Path:
     """Download ``spec.url`` to ``dst``; a failed or mismatching download leaves nothing behind."""
     if spec.url is None:
         raise WeightsError(
-            f"{name}: weights file {spec.filename} not found and it has no download URL; "
-            f"{_where_to_put(spec)}"
+            f"{name}: weights file {spec.filename} not found and it has no download URL; {_where_to_put(spec)}"
         )
     part = dst.with_name(dst.name + ".download")
     try:
@@ -128,8 +127,7 @@ def _download(name: str, spec: WeightFile, dst: Path) -> Path:
             ) from None
         except (OSError, ValueError) as err:
             raise WeightsError(
-                f"{name}: cannot download weights file {spec.filename} from {spec.url} ({err}); "
-                f"{_where_to_put(spec)}"
+                f"{name}: cannot download weights file {spec.filename} from {spec.url} ({err}); {_where_to_put(spec)}"
             ) from None
         if spec.sha256 is not None and _sha256(part) != spec.sha256:
             raise WeightsError(

@@ -26,7 +26,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="defectscope",
-        description="Industrial visual anomaly detection: fit on good images, then score, localise and judge new ones.")
+        description="Industrial visual anomaly detection: fit on good images, then score, localise and judge new ones.",
+    )
     parser.add_argument("--version", action="version", version=f"defectscope {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for module in (fit, evaluation, predict, demo, synth):

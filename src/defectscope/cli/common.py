@@ -41,12 +41,17 @@ def positive_float(text: str) -> float:
 
 
 def add_device(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cpu", help="torch device: cpu (default) or cuda / cuda:N when a GPU exists")
+    parser.add_argument(
+        "--device", default="cpu", help="torch device: cpu (default) or cuda / cuda:N when a GPU exists"
+    )
 
 
 def add_overwrite(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument("--overwrite", action="store_true",
-                        help=f"write {what} even where that replaces files defectscope did not write")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"write {what} even where that replaces files defectscope did not write",
+    )
 
 
 def info(message: str) -> None:
@@ -65,5 +70,7 @@ def metrics_table(metrics: dict[str, float]) -> str:
 
 def errored_note(n_errors: int, n_images: int) -> None:
     """Say that some images could not be judged (the command then exits with EXIT_IMAGES_ERRORED)."""
-    info(f"defectscope: {n_errors} of {n_images} image(s) got the verdict error (non-finite score); "
-         "see their 'reason'. Exit status 3.")
+    info(
+        f"defectscope: {n_errors} of {n_images} image(s) got the verdict error (non-finite score); "
+        "see their 'reason'. Exit status 3."
+    )

@@ -21,8 +21,11 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"{data}: bundled example not found; pass --data CATEGORY_DIR")
     out = prepare_output_dir(args.out, overwrite=args.overwrite, what="demo")
     fitted = fit_run(data, out / "model", overwrite=True, log=info)
-    info(f"fitted in {fitted.info.fit_seconds:.1f} s; threshold {fitted.threshold:.4g}" if fitted.threshold
-         else "fitted (no held-out images, no threshold)")
+    info(
+        f"fitted in {fitted.info.fit_seconds:.1f} s; threshold {fitted.threshold:.4g}"
+        if fitted.threshold
+        else "fitted (no held-out images, no threshold)"
+    )
     result = evaluate_run(out / "model", data, out=out / "test", overwrite=True, log=info, detector=fitted.detector)
     print_result(result)
     print(f"demo done: model in {out / 'model'}; open {out / 'test' / 'report.html'} for the report")
@@ -30,9 +33,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: Any) -> None:
-    demo = sub.add_parser("demo", help="fit and test PatchCore on the bundled example (a small MVTec AD bottle subset)",
-                          description="Fit the default detector on the bundled example and test it, writing the model "
-                                      "and a report folder (a folder written by an earlier demo is replaced).")
+    demo = sub.add_parser(
+        "demo",
+        help="fit and test PatchCore on the bundled example (a small MVTec AD bottle subset)",
+        description="Fit the default detector on the bundled example and test it, writing the model "
+        "and a report folder (a folder written by an earlier demo is replaced).",
+    )
     demo.add_argument("--out", default="demo-run", metavar="DIR", help="output folder (default: %(default)s)")
     demo.add_argument("--data", metavar="DIR", help="use another MVTec-layout category folder instead of the example")
     add_overwrite(demo, "into a folder holding other files")

@@ -19,9 +19,11 @@ def print_result(result: EvalResult) -> None:
         for note in part.notes:
             info(f"note: {note}")
         print(metrics_table(part.metrics))
-        print(f"{part.images_per_second:.1f} images/s; wrote {part.report}, {part.folder / 'metrics.json'}, "
-              f"{part.folder / 'predictions.csv'}" + (f", {part.folder / 'overlays'}/" if any(
-                  r.overlay for r in part.records) else ""))
+        print(
+            f"{part.images_per_second:.1f} images/s; wrote {part.report}, {part.folder / 'metrics.json'}, "
+            f"{part.folder / 'predictions.csv'}"
+            + (f", {part.folder / 'overlays'}/" if any(r.overlay for r in part.records) else "")
+        )
     if len(result.parts) > 1:
         mean = result.mean_metrics
         width = max(len(p.name or "") for p in [*result.parts]) if result.parts else 4
@@ -29,17 +31,28 @@ def print_result(result: EvalResult) -> None:
         shown = [k for k in ("image_auroc", "pixel_auroc", "pixel_ap", "aupro") if k in mean]
         print("\n" + "category".ljust(width) + "".join(f"  {k:>11}" for k in shown))
         for part in result.parts:
-            print((part.name or "").ljust(width)
-                  + "".join(f"  {part.metrics.get(k, math.nan):11.4f}" for k in shown))
+            print((part.name or "").ljust(width) + "".join(f"  {part.metrics.get(k, math.nan):11.4f}" for k in shown))
         print("mean".ljust(width) + "".join(f"  {mean[k]:11.4f}" for k in shown))
         print(f"wrote {result.folder / 'metrics.json'} and one report folder per category under {result.folder}")
 
 
 def run(args: argparse.Namespace) -> int:
-    result = evaluate_run(args.run, args.data, category=args.category, categories=args.categories, good=args.good,
-                          defects=args.defects, masks=args.masks, image_level_only=args.image_level_only,
-                          out=args.out, overlays=not args.no_overlays, batch_size=args.batch_size,
-                          device=args.device, overwrite=args.overwrite, log=info)
+    result = evaluate_run(
+        args.run,
+        args.data,
+        category=args.category,
+        categories=args.categories,
+        good=args.good,
+        defects=args.defects,
+        masks=args.masks,
+        image_level_only=args.image_level_only,
+        out=args.out,
+        overlays=not args.no_overlays,
+        batch_size=args.batch_size,
+        device=args.device,
+        overwrite=args.overwrite,
+        log=info,
+    )
     print_result(result)
     if result.n_errors:
         errored_note(result.n_errors, len(result.records))
@@ -48,27 +61,40 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: Any) -> None:
-    test = sub.add_parser("test", help="evaluate a run on labelled test images: metrics, CSV, heat maps",
-                          description="Score the test split, print image and pixel metrics, and write report.html "
-                                      "(metrics, curves, score histogram, every image), metrics.json, "
-                                      "predictions.csv and heat-map overlays (ground truth outlined in green). "
-                                      "Exit status 3 when some image could not be judged (verdict error).")
+    test = sub.add_parser(
+        "test",
+        help="evaluate a run on labelled test images: metrics, CSV, heat maps",
+        description="Score the test split, print image and pixel metrics, and write report.html "
+        "(metrics, curves, score histogram, every image), metrics.json, "
+        "predictions.csv and heat-map overlays (ground truth outlined in green). "
+        "Exit status 3 when some image could not be judged (verdict error).",
+    )
     test.add_argument("run", metavar="RUN", help="run folder written by `defectscope fit`")
-    test.add_argument("data", nargs="?", metavar="DATA", help="MVTec-layout category folder (uses test/ and "
-                      "ground_truth/), or a root holding the model's categories; default: the folder(s) the run "
-                      "was fitted on")
+    test.add_argument(
+        "data",
+        nargs="?",
+        metavar="DATA",
+        help="MVTec-layout category folder (uses test/ and "
+        "ground_truth/), or a root holding the model's categories; default: the folder(s) the run "
+        "was fitted on",
+    )
     test.add_argument("--category", help="category to use when DATA is a root holding several")
-    test.add_argument("--categories", metavar="all|A,B", help="test these categories of the root DATA, each on its "
-                      "own plus the mean")
+    test.add_argument(
+        "--categories", metavar="all|A,B", help="test these categories of the root DATA, each on its own plus the mean"
+    )
     test.add_argument("--good", metavar="DIR", help="plain-folder test set: good images (instead of DATA)")
     test.add_argument("--defects", metavar="DIR", help="plain-folder test set: defect images")
     test.add_argument("--masks", metavar="DIR", help="plain-folder test set: masks named <stem>_mask.png or <stem>.png")
-    test.add_argument("--image-level-only", action="store_true",
-                      help="allow defect images without masks; pixel metrics are then skipped")
+    test.add_argument(
+        "--image-level-only",
+        action="store_true",
+        help="allow defect images without masks; pixel metrics are then skipped",
+    )
     test.add_argument("--out", metavar="DIR", help="where to write results (default: RUN/test)")
     test.add_argument("--batch-size", type=positive_int, help="images per batch (default: the run's)")
-    test.add_argument("--no-overlays", action="store_true",
-                      help="do not write heat-map overlay images (the report then shows none)")
+    test.add_argument(
+        "--no-overlays", action="store_true", help="do not write heat-map overlay images (the report then shows none)"
+    )
     add_overwrite(test, "results into a folder holding other files")
     add_device(test)
     test.set_defaults(func=run)

@@ -12,14 +12,16 @@ from .common import add_device, add_overwrite, info, positive_int
 
 DEFAULT_METHOD = "patchcore"
 #: Shorthand flags for common method parameters: each is ``--set NAME=VALUE`` for the chosen method.
-ALIASES = {"backbone": "feature extractor, e.g. efficientnet_lite0 (default), mobilenet_v2, resnet18, wide_resnet50_2",
-           "weights": "explicit backbone weights file (else $DEFECTSCOPE_WEIGHTS_DIR, installed packages, download)",
-           "image_size": "square input size in pixels, a multiple of 16 (default: the method's own)",
-           "batch_size": "images per batch (default 16)",
-           "seed": "random seed (default 0)",
-           "epochs": "trained methods: number of training epochs",
-           "time_budget": "trained methods: stop training after this many seconds (counted across resumes)",
-           "coreset_ratio": "memory-bank methods: fraction of patches kept (default 0.1)"}
+ALIASES = {
+    "backbone": "feature extractor, e.g. efficientnet_lite0 (default), mobilenet_v2, resnet18, wide_resnet50_2",
+    "weights": "explicit backbone weights file (else $DEFECTSCOPE_WEIGHTS_DIR, installed packages, download)",
+    "image_size": "square input size in pixels, a multiple of 16 (default: the method's own)",
+    "batch_size": "images per batch (default 16)",
+    "seed": "random seed (default 0)",
+    "epochs": "trained methods: number of training epochs",
+    "time_budget": "trained methods: stop training after this many seconds (counted across resumes)",
+    "coreset_ratio": "memory-bank methods: fraction of patches kept (default 0.1)",
+}
 
 
 def _params_epilog() -> str:
@@ -35,7 +37,9 @@ def method_params(method: str, sets: list[str], aliases: dict[str, str | None]) 
     specs = {spec.name: spec for spec in METHODS[method].param_specs()}
     params: dict[str, Any] = {}
     raw_pairs = [(f"--set {pair}", *pair.partition("=")) for pair in sets]
-    raw_pairs += [(f"--{key.replace('_', '-')}", key, "=", value) for key, value in aliases.items() if value is not None]
+    raw_pairs += [
+        (f"--{key.replace('_', '-')}", key, "=", value) for key, value in aliases.items() if value is not None
+    ]
     for origin, key, sep, raw in raw_pairs:
         key = key.strip().replace("-", "_")
         if not sep:
@@ -49,40 +53,83 @@ def method_params(method: str, sets: list[str], aliases: dict[str, str | None]) 
 def run(args: argparse.Namespace) -> int:
     aliases = {key: getattr(args, key) for key in ALIASES}
     params = method_params(args.method, args.set, aliases)
-    result = fit_run(args.data, args.out, method=args.method, params=params, category=args.category,
-                     categories=args.categories, labelled_defects=args.labelled_defects or 0,
-                     defects_from=args.defects_from, device=args.device, resume=args.resume,
-                     overwrite=args.overwrite, log=info)
+    result = fit_run(
+        args.data,
+        args.out,
+        method=args.method,
+        params=params,
+        category=args.category,
+        categories=args.categories,
+        labelled_defects=args.labelled_defects or 0,
+        defects_from=args.defects_from,
+        device=args.device,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        log=info,
+    )
     threshold = f"{result.threshold:.4g}" if result.threshold is not None else "none (no held-out images)"
-    print(f"fitted in {result.info.fit_seconds:.1f} s on {result.info.n_fit_images} images; threshold {threshold} "
-          f"from {result.info.n_calibration_images} held-out good images\nsaved to {result.folder}")
+    print(
+        f"fitted in {result.info.fit_seconds:.1f} s on {result.info.n_fit_images} images; threshold {threshold} "
+        f"from {result.info.n_calibration_images} held-out good images\nsaved to {result.folder}"
+    )
     return 0
 
 
 def add_parser(sub: Any) -> None:
-    fit = sub.add_parser("fit", help="fit a detector on good images and save it to a run folder",
-                         description="Fit a detector on the good images of DATA and save it (config.json + "
-                                     "model.safetensors) to --out. A held-out slice of the good images "
-                                     "calibrates the decision threshold.",
-                         epilog=_params_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    fit.add_argument("data", metavar="DATA", nargs="+", help="an MVTec-layout category folder (uses train/good), a "
-                     "dataset root holding categories (with --category / --categories) or a plain folder of good "
-                     "images; several DATA folders train one unified model over all of them")
-    fit.add_argument("--out", required=True, metavar="RUN", help="run folder to write the model to (new, empty, or "
-                     "an earlier run folder; one holding a fitted model only with --overwrite)")
-    fit.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS), help="detection method (default: %(default)s)")
+    fit = sub.add_parser(
+        "fit",
+        help="fit a detector on good images and save it to a run folder",
+        description="Fit a detector on the good images of DATA and save it (config.json + "
+        "model.safetensors) to --out. A held-out slice of the good images "
+        "calibrates the decision threshold.",
+        epilog=_params_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fit.add_argument(
+        "data",
+        metavar="DATA",
+        nargs="+",
+        help="an MVTec-layout category folder (uses train/good), a "
+        "dataset root holding categories (with --category / --categories) or a plain folder of good "
+        "images; several DATA folders train one unified model over all of them",
+    )
+    fit.add_argument(
+        "--out",
+        required=True,
+        metavar="RUN",
+        help="run folder to write the model to (new, empty, or "
+        "an earlier run folder; one holding a fitted model only with --overwrite)",
+    )
+    fit.add_argument(
+        "--method", default=DEFAULT_METHOD, choices=sorted(METHODS), help="detection method (default: %(default)s)"
+    )
     fit.add_argument("--category", help="category to use when DATA is a root holding several")
-    fit.add_argument("--categories", metavar="all|A,B", help="one unified model over these categories of the root "
-                     "DATA (all of them with 'all'); `test` then reports each category and the mean")
-    fit.add_argument("--labelled-defects", type=positive_int, metavar="K", help="semi-supervised: also learn from K "
-                     "defect images (with masks) per category, taken from --defects-from or else from the test split "
-                     "(those are then left out of `test`)")
-    fit.add_argument("--defects-from", metavar="DIR", help="MVTec-layout category (or root of categories) to take "
-                     "the labelled defects from")
+    fit.add_argument(
+        "--categories",
+        metavar="all|A,B",
+        help="one unified model over these categories of the root "
+        "DATA (all of them with 'all'); `test` then reports each category and the mean",
+    )
+    fit.add_argument(
+        "--labelled-defects",
+        type=positive_int,
+        metavar="K",
+        help="semi-supervised: also learn from K "
+        "defect images (with masks) per category, taken from --defects-from or else from the test split "
+        "(those are then left out of `test`)",
+    )
+    fit.add_argument(
+        "--defects-from",
+        metavar="DIR",
+        help="MVTec-layout category (or root of categories) to take the labelled defects from",
+    )
     for key, text in ALIASES.items():
         fit.add_argument(f"--{key.replace('_', '-')}", metavar="VALUE", help=f"{text}; = --set {key}=VALUE")
-    fit.add_argument("--resume", action="store_true", help="trained methods: continue from the last checkpoint "
-                     "in RUN/checkpoint instead of starting over")
+    fit.add_argument(
+        "--resume",
+        action="store_true",
+        help="trained methods: continue from the last checkpoint in RUN/checkpoint instead of starting over",
+    )
     add_overwrite(fit, "the model")
     add_device(fit)
     fit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any method parameter (see below)")

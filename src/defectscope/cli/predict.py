@@ -23,15 +23,22 @@ def _check_out(path: str, overwrite: bool) -> Path:
         except (OSError, UnicodeDecodeError):
             ours = False
         if not ours:
-            raise OutputError(f"{target}: exists and is not a defectscope predictions file; "
-                              "pass --overwrite to replace it")
+            raise OutputError(
+                f"{target}: exists and is not a defectscope predictions file; pass --overwrite to replace it"
+            )
     return target
 
 
 def run(args: argparse.Namespace) -> int:
     out = _check_out(args.out, args.overwrite) if args.out else None
-    result = predict_run(args.run, args.paths, heatmaps=args.heatmaps, batch_size=args.batch_size,
-                         device=args.device, overwrite=args.overwrite)
+    result = predict_run(
+        args.run,
+        args.paths,
+        heatmaps=args.heatmaps,
+        batch_size=args.batch_size,
+        device=args.device,
+        overwrite=args.overwrite,
+    )
     text = format_records(result.records, args.format)
     if out is not None:
         atomic_write(out, text)
@@ -45,18 +52,27 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: Any) -> None:
-    predict = sub.add_parser("predict", help="score new images: score, verdict and optional heat map per image",
-                             description="Score images with a fitted run: image files, folders of images (not "
-                                         "walked into sub-folders), or MVTec-layout category folders (their test "
-                                         "images). The verdict compares the score with the run's calibrated "
-                                         "threshold; normalized_score is score / threshold (above 1 = anomalous). "
-                                         "A score that is not a finite number gets the verdict error, and the "
-                                         "command then exits with status 3.")
+    predict = sub.add_parser(
+        "predict",
+        help="score new images: score, verdict and optional heat map per image",
+        description="Score images with a fitted run: image files, folders of images (not "
+        "walked into sub-folders), or MVTec-layout category folders (their test "
+        "images). The verdict compares the score with the run's calibrated "
+        "threshold; normalized_score is score / threshold (above 1 = anomalous). "
+        "A score that is not a finite number gets the verdict error, and the "
+        "command then exits with status 3.",
+    )
     predict.add_argument("run", metavar="RUN", help="run folder written by `defectscope fit`")
     predict.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders of images or category folders")
-    predict.add_argument("--format", choices=["json", "csv"], default="json", help="output format (default: %(default)s)")
-    predict.add_argument("--out", metavar="FILE", help="write results to FILE instead of standard output "
-                         "(replaces an earlier predictions file; any other file only with --overwrite)")
+    predict.add_argument(
+        "--format", choices=["json", "csv"], default="json", help="output format (default: %(default)s)"
+    )
+    predict.add_argument(
+        "--out",
+        metavar="FILE",
+        help="write results to FILE instead of standard output "
+        "(replaces an earlier predictions file; any other file only with --overwrite)",
+    )
     predict.add_argument("--heatmaps", metavar="DIR", help="also write a heat-map overlay per image to DIR")
     predict.add_argument("--batch-size", type=positive_int, help="images per batch (default: the run's)")
     add_overwrite(predict, "the results file or heat maps")

@@ -140,7 +140,7 @@ def _open(path: Path, what: str, draft_to: int | None = None) -> tuple[Image.Ima
         raise DataError(f"{path}: not a readable image (unknown or corrupt format)") from None
     except MemoryError:
         raise DataError(f"{path}: not enough memory to decode this {what}") from None
-    except Exception as exc:  # noqa: BLE001 - Pillow's plugins raise OSError, SyntaxError, struct.error, ...
+    except Exception as exc:
         raise DataError(f"{path}: cannot read {what} ({_one_line(exc)})") from None
 
 
@@ -160,7 +160,9 @@ def _decode(
         several = img.format != "MPO" and bool(getattr(img, "is_animated", False))
         frames = getattr(img, "n_frames", 2) if several else 1
     if several:
-        raise DataError(f"{path}: {what} has {frames} frames (animated or multi-page); save the frame to use as its own file")
+        raise DataError(
+            f"{path}: {what} has {frames} frames (animated or multi-page); save the frame to use as its own file"
+        )
     if draft_to is not None and img.format == "JPEG":
         side = _DRAFT_MARGIN * draft_to
         img.draft(img.mode, (side, side))

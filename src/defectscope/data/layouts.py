@@ -73,8 +73,12 @@ def _kind(path: Path) -> str:
         return "folder"
     if stat.S_ISREG(mode):
         return "file"
-    special = {stat.S_ISFIFO: "a FIFO (named pipe)", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device",
-               stat.S_ISBLK: "a block device"}
+    special = {
+        stat.S_ISFIFO: "a FIFO (named pipe)",
+        stat.S_ISSOCK: "a socket",
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+    }
     what = next((name for test, name in special.items() if test(mode)), "not a regular file")
     raise DataError(f"{path}: {what}, not an image file")
 
@@ -96,7 +100,9 @@ def _list_images(folder: Path, subfolder_hint: str = "subfolders are not read") 
     images = _visible_entries(folder)
     for path in images:
         if _kind(path) == "folder":
-            looks_like = f" (a folder named like a {path.suffix} image)" if path.suffix.lower() in IMAGE_EXTENSIONS else ""
+            looks_like = (
+                f" (a folder named like a {path.suffix} image)" if path.suffix.lower() in IMAGE_EXTENSIONS else ""
+            )
             hint = subfolder_hint.format(sub=path)
             raise DataError(f"{path}: unexpected folder inside image folder {folder}{looks_like}; {hint}")
         _check_image_file(path)
@@ -153,7 +159,9 @@ def image_files(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
                 files.append(file)
     if not files:
         names = ", ".join(str(p) for p in ignored)
-        raise DataError(f"{names}: ignored file name(s) (hidden files, Thumbs.db, desktop.ini); no images left to score")
+        raise DataError(
+            f"{names}: ignored file name(s) (hidden files, Thumbs.db, desktop.ini); no images left to score"
+        )
     return files
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from ..errors import DataError
 from .dataset import ImageDataset
@@ -45,7 +45,9 @@ def _categories_in(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and _is_category(p)) if root.is_dir() else []
 
 
-def training_samples(data: str | os.PathLike | ImageDataset | Iterable[Sample], category: str | None = None) -> list[Sample]:
+def training_samples(
+    data: str | os.PathLike | ImageDataset | Iterable[Sample], category: str | None = None
+) -> list[Sample]:
     """Good training images: ``train/good`` of an MVTec-layout category, or every image of a plain folder."""
     if isinstance(data, ImageDataset):
         return list(data.samples)
@@ -62,17 +64,22 @@ def training_samples(data: str | os.PathLike | ImageDataset | Iterable[Sample], 
     raise DataError(f"{path}: neither an MVTec-layout category (train/good) nor a folder of images")
 
 
-def labelled_samples(data: str | os.PathLike, category: str | None = None, image_level_only: bool = False) -> list[Sample]:
+def labelled_samples(
+    data: str | os.PathLike, category: str | None = None, image_level_only: bool = False
+) -> list[Sample]:
     """Labelled test images of an MVTec-layout category (``test/<defect>`` + ``ground_truth``)."""
     path = resolve_category(data, category)
     if not _is_category(path):
-        raise DataError(f"{path}: not an MVTec-layout category (expected test/ and ground_truth/ folders); "
-                        "for a plain folder use --good/--defects/--masks")
+        raise DataError(
+            f"{path}: not an MVTec-layout category (expected test/ and ground_truth/ folders); "
+            "for a plain folder use --good/--defects/--masks"
+        )
     return mvtec_samples(path, "test", image_level_only=image_level_only)
 
 
-def resolve_categories(data: Sequence[str | os.PathLike], category: str | None = None,
-                       categories: str | None = None) -> list[Path]:
+def resolve_categories(
+    data: Sequence[str | os.PathLike], category: str | None = None, categories: str | None = None
+) -> list[Path]:
     """Category folders for one model: each DATA folder, or ``categories`` ("all" or "a,b") of a root.
 
     Several folders (or ``categories``) make one unified model over all of them; category names
@@ -101,13 +108,17 @@ def resolve_categories(data: Sequence[str | os.PathLike], category: str | None =
     names = [p.name for p in found]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise DataError(f"category name {duplicates[0]!r} appears twice ({', '.join(str(p) for p in found if p.name == duplicates[0])}); "
-                        "categories of one model need distinct names")
+        raise DataError(
+            f"category name {duplicates[0]!r} appears twice "
+            f"({', '.join(str(p) for p in found if p.name == duplicates[0])}); "
+            "categories of one model need distinct names"
+        )
     return found
 
 
-def pick_labelled_defects(category_dirs: Sequence[Path], k: int, seed: int = 0,
-                          source: str | os.PathLike | None = None) -> list[Sample]:
+def pick_labelled_defects(
+    category_dirs: Sequence[Path], k: int, seed: int = 0, source: str | os.PathLike | None = None
+) -> list[Sample]:
     """``k`` defect images with masks per category, chosen with ``seed``.
 
     They come from ``source`` (a category folder, or a root holding folders of the same category
@@ -123,10 +134,13 @@ def pick_labelled_defects(category_dirs: Sequence[Path], k: int, seed: int = 0,
             root = Path(source).expanduser()
             where = root / category_dir.name if (root / category_dir.name).is_dir() else root
             if len(category_dirs) > 1 and where == root:
-                raise DataError(f"{root}: labelled defects for several categories need a root with one folder per "
-                                f"category (missing {root / category_dir.name})")
-        candidates = sorted((s for s in labelled_samples(where) if s.label == 1 and s.mask_path is not None),
-                            key=lambda s: str(s.path))
+                raise DataError(
+                    f"{root}: labelled defects for several categories need a root with one folder per "
+                    f"category (missing {root / category_dir.name})"
+                )
+        candidates = sorted(
+            (s for s in labelled_samples(where) if s.label == 1 and s.mask_path is not None), key=lambda s: str(s.path)
+        )
         if len(candidates) < k:
             raise DataError(f"{where}: {len(candidates)} defect images with masks, fewer than the {k} requested")
         rng = random.Random(f"{seed}:{category_dir.name}")

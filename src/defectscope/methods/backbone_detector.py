@@ -21,8 +21,9 @@ class BackboneDetector(Detector):
     recorded instead, and loading refuses a model whose backbone weights have changed.
     """
 
-    def __init__(self, *, backbone: str, layers: tuple[str, ...] | list[str], weights: str | None,
-                 **common: Any) -> None:
+    def __init__(
+        self, *, backbone: str, layers: tuple[str, ...] | list[str], weights: str | None, **common: Any
+    ) -> None:
         super().__init__(**common)
         check_choice("backbone", backbone, BACKBONES)
         unknown = [layer for layer in layers if layer not in LAYERS]
@@ -37,8 +38,9 @@ class BackboneDetector(Detector):
     def extractor(self) -> torch.nn.Module:
         """The frozen backbone, built on first use."""
         if self._extractor is None:
-            self._extractor = create_backbone(self.backbone, layers=self.extracted_layers,
-                                              weights=self.weights).to(self.device)
+            self._extractor = create_backbone(self.backbone, layers=self.extracted_layers, weights=self.weights).to(
+                self.device
+            )
         return self._extractor
 
     @property
@@ -63,4 +65,5 @@ class BackboneDetector(Detector):
         if expected and sha256_file(path) != expected:
             raise ModelFileError(
                 f"{folder}: fitted with other {self.backbone} weights than {path} (sha256 differs); "
-                "use the weights file the model was fitted with")
+                "use the weights file the model was fitted with"
+            )

@@ -12,9 +12,10 @@ import inspect
 import os
 import time
 from abc import ABC, ABCMeta, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Self, TypeVar
+from typing import Any, ClassVar, Self, TypeVar
 
 import numpy as np
 import torch
@@ -65,8 +66,15 @@ class Detector(ABC, metaclass=_CheckedParams):
     #: One-line help of a method's own parameters (shared ones are in :data:`.params.HELP`).
     param_help: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, *, image_size: int = 256, batch_size: int = 16, calibration_fraction: float = 0.1,
-                 threshold_sigmas: float = 3.0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        image_size: int = 256,
+        batch_size: int = 16,
+        calibration_fraction: float = 0.1,
+        threshold_sigmas: float = 3.0,
+        seed: int = 0,
+    ) -> None:
         if image_size < 32 or image_size % 16:
             raise DefectscopeError(f"image_size must be a multiple of 16 and at least 32, got {image_size}")
         check_at_least(1, batch_size=batch_size)
@@ -153,9 +161,14 @@ class Detector(ABC, metaclass=_CheckedParams):
     def is_fitted(self) -> bool:
         return bool(self.fit_info)
 
-    def fit(self, data: str | os.PathLike | ImageDataset | Iterable[Sample], *,
-            defects: Iterable[Sample] | None = None, checkpoint_dir: str | os.PathLike | None = None,
-            resume: bool = False) -> Self:
+    def fit(
+        self,
+        data: str | os.PathLike | ImageDataset | Iterable[Sample],
+        *,
+        defects: Iterable[Sample] | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        resume: bool = False,
+    ) -> Self:
         """Fit on good images and calibrate the decision threshold on a held-out slice of them.
 
         ``data`` is a category folder (MVTec layout: its train/good is used), a folder of good
@@ -178,14 +191,21 @@ class Detector(ABC, metaclass=_CheckedParams):
         torch.manual_seed(self.seed)
         start = time.perf_counter()
         self._fit(ImageDataset(fit_part, self.image_size))
-        self.fit_info = {"n_fit_images": len(fit_part), "n_calibration_images": len(calib_part),
-                         "categories": sorted({s.category for s in samples}),
-                         "labelled_defects": [str(s.path) for s in self.labelled_defects], **self._fit_details()}
+        self.fit_info = {
+            "n_fit_images": len(fit_part),
+            "n_calibration_images": len(calib_part),
+            "categories": sorted({s.category for s in samples}),
+            "labelled_defects": [str(s.path) for s in self.labelled_defects],
+            **self._fit_details(),
+        }
         self.calibration = None
         if calib_part:
-            scores = [self.predict(batch["image"]).scores
-                      for batch in iterate_batches(ImageDataset(calib_part, self.image_size), self.batch_size,
-                                                   desc="calibrating")]
+            scores = [
+                self.predict(batch["image"]).scores
+                for batch in iterate_batches(
+                    ImageDataset(calib_part, self.image_size), self.batch_size, desc="calibrating"
+                )
+            ]
             self.calibration = calibrate(torch.cat(scores).numpy(), self.threshold_sigmas)
         self.fit_info["fit_seconds"] = round(time.perf_counter() - start, 3)
         return self
@@ -205,13 +225,18 @@ class Detector(ABC, metaclass=_CheckedParams):
             images = images[None]
         expected = (3, self.image_size, self.image_size)
         if tuple(images.shape[1:]) != expected:
-            raise DefectscopeError(f"expected images of shape (B, {expected[0]}, {expected[1]}, {expected[2]}), "
-                                   f"got {tuple(images.shape)}")
+            raise DefectscopeError(
+                f"expected images of shape (B, {expected[0]}, {expected[1]}, {expected[2]}), got {tuple(images.shape)}"
+            )
         out = self._predict(images.float().to(self.device))
         recon = out.reconstructions
-        return replace(out, scores=out.scores.float().cpu(), maps=out.maps.float().cpu(),
-                       threshold=self.calibration.threshold if self.calibration else None,
-                       reconstructions=None if recon is None else recon.float().cpu())
+        return replace(
+            out,
+            scores=out.scores.float().cpu(),
+            maps=out.maps.float().cpu(),
+            threshold=self.calibration.threshold if self.calibration else None,
+            reconstructions=None if recon is None else recon.float().cpu(),
+        )
 
     # -- save / load -------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> Path:
@@ -231,7 +256,7 @@ def split_calibration(samples: list[Sample], fraction: float, seed: int) -> tupl
 
     At least one image is held out when ``fraction`` > 0 and there are two or more images.
     """
-    n_calib = int(round(len(samples) * fraction))
+    n_calib = round(len(samples) * fraction)
     if fraction > 0 and len(samples) >= 2:
         n_calib = max(1, n_calib)
     n_calib = min(n_calib, len(samples) - 1)

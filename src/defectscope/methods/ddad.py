@@ -3,7 +3,8 @@
 A DDPM (T = 1000, linear betas 1e-4..0.02) learns good images. A test image y is noised to step
 ``t_start`` (paper: 250) and denoised in ``steps`` DDIM steps (paper: 10), each conditioned on y:
 
-    eps_hat = eps_theta(x_t, t) - w * sqrt(1 - abar_t) * (y_t - x_t),   y_t = sqrt(abar_t) y + sqrt(1 - abar_t) eps_theta,
+    eps_hat = eps_theta(x_t, t) - w * sqrt(1 - abar_t) * (y_t - x_t),
+    y_t = sqrt(abar_t) y + sqrt(1 - abar_t) eps_theta,
 
 so the reconstruction stays close to the input where it is normal and becomes normal where it is
 not. The anomaly map is ``v * max(Df) / max(Dp) * Dp + Df`` (see :mod:`.diffusion_detector`).
@@ -103,8 +104,9 @@ class DDAD(DiffusionDetector):
         return self._adapted if self._adapted is not None else self.extractor
 
     def _conditioned(self, y: torch.Tensor, w: float) -> torch.Tensor:
-        return dm.ddim_denoise(self.noise_model(), y, self.t_start, self.steps, self.abar, w=w, eta=self.eta,
-                               seed=self.seed)
+        return dm.ddim_denoise(
+            self.noise_model(), y, self.t_start, self.steps, self.abar, w=w, eta=self.eta, seed=self.seed
+        )
 
     def _denoise(self, y: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         return self._conditioned(y, self.w)
@@ -122,15 +124,27 @@ class DDAD(DiffusionDetector):
         def step(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
             target, recon = batch["image"].to(self.device), batch["reconstruction"].to(self.device)
             similarity, distillation = domain_adaptation_losses(student, teacher, target, recon)
-            return {"loss": similarity + self.da_lambda * distillation, "similarity": similarity,
-                    "distillation": distillation}
+            return {
+                "loss": similarity + self.da_lambda * distillation,
+                "similarity": similarity,
+                "distillation": distillation,
+            }
 
-        trainer = self.trainer({"extractor": student}, optimizer, epochs=self.da_epochs, stage="domain adaptation",
-                               desc="domain adaptation")
+        trainer = self.trainer(
+            {"extractor": student},
+            optimizer,
+            epochs=self.da_epochs,
+            stage="domain adaptation",
+            desc="domain adaptation",
+        )
         log = trainer.run(lambda epoch: shuffled_batches(pairs, self.batch_size, seed=self.seed, epoch=epoch), step)
         self._adapted = student.eval().requires_grad_(False)
-        self._da_info = {"images": len(pairs), "epochs": log.epochs_done, "seconds": round(log.seconds, 3),
-                         "final_loss": (log.epoch_losses or [None])[-1]}
+        self._da_info = {
+            "images": len(pairs),
+            "epochs": log.epochs_done,
+            "seconds": round(log.seconds, 3),
+            "final_loss": (log.epoch_losses or [None])[-1],
+        }
 
     def _reconstruction_pairs(self, images: CachedImages) -> list[dict[str, Any]]:
         """Good training images (a seeded subset of ``da_images``) with their ``w_da``-conditioned reconstructions."""
@@ -140,11 +154,12 @@ class DDAD(DiffusionDetector):
         pairs = []
         with torch.no_grad():
             for start in range(0, len(items), self.batch_size):
-                part = items[start:start + self.batch_size]
+                part = items[start : start + self.batch_size]
                 batch = torch.stack([item["image"] for item in part]).to(self.device)
                 recon = self.to_image_space(self._conditioned(self.to_model_space(batch), self.w_da)).cpu()
-                pairs += [{"image": item["image"], "reconstruction": r, "path": item["path"]}
-                          for item, r in zip(part, recon)]
+                pairs += [
+                    {"image": item["image"], "reconstruction": r, "path": item["path"]} for item, r in zip(part, recon)
+                ]
         return pairs
 
     def _fit_details(self) -> dict[str, Any]:
@@ -170,13 +185,15 @@ class DDAD(DiffusionDetector):
             self._adapted = student.eval()
 
 
-def domain_adaptation_losses(student: nn.Module, teacher: nn.Module, target: torch.Tensor,
-                             recon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def domain_adaptation_losses(
+    student: nn.Module, teacher: nn.Module, target: torch.Tensor, recon: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """DDAD's similarity and distillation losses, each summed over layers of mean ``1 - cos``.
 
     Similarity: the adapted features of a good image and of its reconstruction should agree.
     Distillation: the adapted features of both should stay close to the frozen teacher's.
     """
+
     def dissimilarity(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
         return sum((1 - torch.nn.functional.cosine_similarity(x, y, dim=1)).mean() for x, y in zip(a, b))
 

@@ -46,21 +46,37 @@ CALIBRATION_IMAGES = 64  # good training images used to measure the map ratio (a
 class DiffusionDetector(TrainedDetector, BackboneDetector):
     """Base of the diffusion reconstruction methods; see the module docstring."""
 
-    def __init__(self, *, unet: str, steps: int, eta: float, distance: Distance, v: float, blur_sigma: float,
-                 num_train_timesteps: int, beta_start: float, beta_end: float, ema_decay: float,
-                 max_train_timestep: int | None, weight_decay: float, **common: Any) -> None:
+    def __init__(
+        self,
+        *,
+        unet: str,
+        steps: int,
+        eta: float,
+        distance: Distance,
+        v: float,
+        blur_sigma: float,
+        num_train_timesteps: int,
+        beta_start: float,
+        beta_end: float,
+        ema_decay: float,
+        max_train_timestep: int | None,
+        weight_decay: float,
+        **common: Any,
+    ) -> None:
         super().__init__(**common)
         check_choice("distance", distance, DISTANCES)
         check_at_least(1, steps=steps, num_train_timesteps=num_train_timesteps)
         check_at_least(0, v=v, weight_decay=weight_decay)
         if not 0.0 < beta_start < beta_end < 1.0:
-            raise DefectscopeError(f"beta_start and beta_end must satisfy 0 < beta_start < beta_end < 1, "
-                                   f"got {beta_start} and {beta_end}")
+            raise DefectscopeError(
+                f"beta_start and beta_end must satisfy 0 < beta_start < beta_end < 1, got {beta_start} and {beta_end}"
+            )
         if not 0.0 <= eta <= 1.0:
             raise DefectscopeError(f"eta must be in [0, 1], got {eta}")
         if max_train_timestep is not None and not 1 <= max_train_timestep <= num_train_timesteps:
-            raise DefectscopeError(f"max_train_timestep must be in [1, {num_train_timesteps}] or None, "
-                                   f"got {max_train_timestep}")
+            raise DefectscopeError(
+                f"max_train_timestep must be in [1, {num_train_timesteps}] or None, got {max_train_timestep}"
+            )
         if not 0.0 <= ema_decay < 1.0:
             raise DefectscopeError(f"ema_decay must be in [0, 1), got {ema_decay}")
         if unet not in dm.UNET_PRESETS:
@@ -155,9 +171,14 @@ class DiffusionDetector(TrainedDetector, BackboneDetector):
             ema = dm.EMA(model, self.ema_decay)
             modules["ema"] = ema
             optimizer.register_step_post_hook(lambda *_: ema.update(model))
-        self.train(modules, optimizer, lambda epoch: shuffled_batches(items, self.batch_size, seed=self.seed, epoch=epoch),
-                   lambda batch: self._loss(batch, model), max_grad_norm=1.0,
-                   desc=f"training {self.name} ({self.unet} UNet)")
+        self.train(
+            modules,
+            optimizer,
+            lambda epoch: shuffled_batches(items, self.batch_size, seed=self.seed, epoch=epoch),
+            lambda batch: self._loss(batch, model),
+            max_grad_norm=1.0,
+            desc=f"training {self.name} ({self.unet} UNet)",
+        )
         self._train_steps = _optimizer_steps(optimizer)
         network = ema.model if ema is not None else model
         self._network = network.eval().requires_grad_(False)
@@ -178,7 +199,7 @@ class DiffusionDetector(TrainedDetector, BackboneDetector):
         """Measure the ratio max(Df) / max(Dp) on good images (subclasses calibrate more first)."""
         max_dp, max_df = [], []
         for start in range(0, len(images), self.batch_size):
-            batch = images[start:start + self.batch_size].to(self.device)
+            batch = images[start : start + self.batch_size].to(self.device)
             dp, df = self._distances(batch, self._reconstruct(batch))
             max_dp.append(dp.flatten(1).amax(1))
             max_df.append(df.flatten(1).amax(1))

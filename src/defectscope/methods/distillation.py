@@ -28,8 +28,9 @@ class DistillationDetector(TrainedDetector, BackboneDetector):
         levels = [stride_index(layer) for layer in self.layers]
         if len(levels) < self.min_layers or levels != sorted(set(levels)):
             count = "distinct" if self.min_layers == 1 else "two or more distinct"
-            raise DefectscopeError(f"layers must be {count} strides, finest first, e.g. s4,s8,s16; "
-                                   f"got {list(self.layers)}")
+            raise DefectscopeError(
+                f"layers must be {count} strides, finest first, e.g. s4,s8,s16; got {list(self.layers)}"
+            )
         #: log2 of the strides of ``layers``, finest first.
         self.levels = levels
 

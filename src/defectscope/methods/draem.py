@@ -49,8 +49,10 @@ DISCRIMINATIVE_LEVELS = (1, 2, 4, 8, 8, 8)  # and of the discriminative U-Net en
 
 def step_schedule(epochs: int) -> Callable[[int], float]:
     """The paper's learning-rate factor: 1, then x0.2 after 80 % and again after 90 % of the epochs."""
+
     def factor(epoch: int) -> float:
         return 1.0 if epoch < 0.8 * epochs else 0.2 if epoch < 0.9 * epochs else 0.04
+
     return factor
 
 
@@ -81,8 +83,9 @@ class DRAEM(TrainedDetector):
         super().__init__(**base_params(DRAEM, locals()))
         check_at_least(0, focal_gamma=focal_gamma)
         if base_channels < 1 or disc_channels < 1:
-            raise DefectscopeError(f"base_channels and disc_channels must be at least 1, got "
-                                   f"{base_channels} and {disc_channels}")
+            raise DefectscopeError(
+                f"base_channels and disc_channels must be at least 1, got {base_channels} and {disc_channels}"
+            )
         if not 0.0 <= anomaly_probability <= 1.0:
             raise DefectscopeError(f"anomaly_probability must be in [0, 1], got {anomaly_probability}")
         if ssim_window < 3 or ssim_window % 2 == 0 or ssim_window > image_size:
@@ -105,10 +108,12 @@ class DRAEM(TrainedDetector):
 
     # -- networks ----------------------------------------------------------------------------
     def _build(self) -> None:
-        self._reconstructive = EncoderDecoder(3, 3, [self.base_channels * m for m in RECONSTRUCTIVE_LEVELS],
-                                              skips=False).to(self.device)
-        self._discriminative = EncoderDecoder(6, 2, [self.disc_channels * m for m in DISCRIMINATIVE_LEVELS],
-                                              skips=True).to(self.device)
+        self._reconstructive = EncoderDecoder(
+            3, 3, [self.base_channels * m for m in RECONSTRUCTIVE_LEVELS], skips=False
+        ).to(self.device)
+        self._discriminative = EncoderDecoder(
+            6, 2, [self.disc_channels * m for m in DISCRIMINATIVE_LEVELS], skips=True
+        ).to(self.device)
 
     @property
     def reconstructive(self) -> EncoderDecoder:
@@ -146,14 +151,22 @@ class DRAEM(TrainedDetector):
             focal = focal_loss(logits, mask.round().long(), self.focal_gamma)
             return {"loss": l2 + ssim + focal, "l2": l2, "ssim": ssim, "focal": focal}
 
-        self.train({"reconstructive": rec, "discriminative": disc}, optimizer,
-                   lambda epoch: shuffled_batches(train_set, batch_size, seed=self.seed, epoch=epoch, threads=2),
-                   step, lr_schedule=step_schedule(self.epochs), desc="training DRAEM")
+        self.train(
+            {"reconstructive": rec, "discriminative": disc},
+            optimizer,
+            lambda epoch: shuffled_batches(train_set, batch_size, seed=self.seed, epoch=epoch, threads=2),
+            step,
+            lr_schedule=step_schedule(self.epochs),
+            desc="training DRAEM",
+        )
 
     def _fit_details(self) -> dict[str, Any]:
         source = self._texture_source
-        note = ("textures from " + str(self.texture_dir)) if source == "folder" else \
-            "no texture_dir given: anomalies painted with augmented training images (the paper uses DTD textures)"
+        note = (
+            ("textures from " + str(self.texture_dir))
+            if source == "folder"
+            else "no texture_dir given: anomalies painted with augmented training images (the paper uses DTD textures)"
+        )
         return super()._fit_details() | {"texture_source": source, "texture_note": note}
 
     # -- inference -----------------------------------------------------------------------------

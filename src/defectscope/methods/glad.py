@@ -96,15 +96,18 @@ class GLAD(DiffusionDetector):
         super().__init__(**base_params(GLAD, locals()))
         step_range = tuple(int(t) for t in step_range)
         if len(step_range) != 2 or not 0 <= step_range[0] <= step_range[1] <= num_train_timesteps:
-            raise DefectscopeError(f"step_range must be (low, high) with 0 <= low <= high <= {num_train_timesteps}, "
-                                   f"got {step_range}")
+            raise DefectscopeError(
+                f"step_range must be (low, high) with 0 <= low <= high <= {num_train_timesteps}, got {step_range}"
+            )
         if not 1 <= probe_step <= num_train_timesteps:
             raise DefectscopeError(f"probe_step must be in [1, {num_train_timesteps}], got {probe_step}")
         if probe_distance not in ("feature", "pixel"):
             raise DefectscopeError(f"probe_distance must be feature or pixel, got {probe_distance!r}")
         fusion_quantiles = tuple(float(q) for q in fusion_quantiles)
         if len(fusion_quantiles) != 2 or not 0.0 <= fusion_quantiles[0] < fusion_quantiles[1] <= 1.0:
-            raise DefectscopeError(f"fusion_quantiles must be (low, high) with 0 <= low < high <= 1, got {fusion_quantiles}")
+            raise DefectscopeError(
+                f"fusion_quantiles must be (low, high) with 0 <= low < high <= 1, got {fusion_quantiles}"
+            )
         if not 0.0 <= anomaly_probability <= 1.0:
             raise DefectscopeError(f"anomaly_probability must be in [0, 1], got {anomaly_probability}")
         self.step_range = step_range
@@ -155,11 +158,15 @@ class GLAD(DiffusionDetector):
         config = network.config
         sample = config.sample_size if isinstance(config.sample_size, int) else next(iter(config.sample_size))
         if config.in_channels != channels or config.out_channels != channels:
-            raise DefectscopeError(f"{self.pretrained_unet}: the UNet takes {config.in_channels} channels, the "
-                                   f"{'latents' if vae is not None else 'images'} have {channels}")
+            raise DefectscopeError(
+                f"{self.pretrained_unet}: the UNet takes {config.in_channels} channels, the "
+                f"{'latents' if vae is not None else 'images'} have {channels}"
+            )
         if sample != size:
-            raise DefectscopeError(f"{self.pretrained_unet}: the UNet was made for {sample} px inputs; "
-                                   f"use image_size={sample if vae is None else self.image_size * sample // size}")
+            raise DefectscopeError(
+                f"{self.pretrained_unet}: the UNet was made for {sample} px inputs; "
+                f"use image_size={sample if vae is None else self.image_size * sample // size}"
+            )
         return network
 
     # -- training with synthetic anomalies -----------------------------------------------------------
@@ -208,8 +215,7 @@ class GLAD(DiffusionDetector):
     def _steps_and_mask(self, y: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d, score = self._probe(y, images)
         stats = self.stats.to(y.device)
-        return (dm.adaptive_steps(score, stats[0], stats[1], *self.step_range),
-                dm.fusion_mask(d, stats[2], stats[3]))
+        return (dm.adaptive_steps(score, stats[0], stats[1], *self.step_range), dm.fusion_mask(d, stats[2], stats[3]))
 
     @torch.no_grad()
     def adaptive_steps(self, images: torch.Tensor) -> torch.Tensor:
@@ -223,14 +229,15 @@ class GLAD(DiffusionDetector):
         def fuse(x_next: torch.Tensor, y_next: torch.Tensor, _x0: torch.Tensor) -> torch.Tensor:
             return dm.spatial_fusion(y_next, x_next, mask)
 
-        return dm.ddim_denoise(self.noise_model(), y, t_start, self.steps, self.abar, eta=self.eta,
-                               seed=self.seed, fuse=fuse)
+        return dm.ddim_denoise(
+            self.noise_model(), y, t_start, self.steps, self.abar, eta=self.eta, seed=self.seed, fuse=fuse
+        )
 
     def _calibrate(self, images: torch.Tensor) -> None:
         maps, scores = [], []
         with torch.no_grad():
             for start in range(0, len(images), self.batch_size):
-                batch = images[start:start + self.batch_size].to(self.device)
+                batch = images[start : start + self.batch_size].to(self.device)
                 d, s = self._probe(self.to_model_space(batch), batch)
                 maps.append(d.flatten().cpu())
                 scores.append(s.cpu())

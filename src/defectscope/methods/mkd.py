@@ -72,8 +72,13 @@ class Cloner(StridedHeads):
     """Bias-free VGG-like CNN (conv + ReLU) with a bias-free 1x1 projection at every critical stride."""
 
     def __init__(self, channels: Sequence[int], levels: Sequence[int], width: int) -> None:
-        super().__init__(channels, levels, lambda level: max(int(width * 2.0 ** (level - 3)), 8),
-                         partial(conv_block, batch_norm=False), head_bias=False)
+        super().__init__(
+            channels,
+            levels,
+            lambda level: max(int(width * 2.0 ** (level - 3)), 8),
+            partial(conv_block, batch_norm=False),
+            head_bias=False,
+        )
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
@@ -174,8 +179,9 @@ class MKD(DistillationDetector):
             val, direction = value_loss(outputs, targets).mean(), direction_loss(outputs, targets).mean()
             return {"loss": val + self.lambda_used * direction, "val": val, "dir": direction}
 
-        self.train({"cloner": cloner}, optimizer, self.epoch_batches(data), step,
-                   lr_schedule=cosine_schedule(self.epochs))
+        self.train(
+            {"cloner": cloner}, optimizer, self.epoch_batches(data), step, lr_schedule=cosine_schedule(self.epochs)
+        )
 
     def _predict(self, images: torch.Tensor) -> Prediction:
         size = tuple(images.shape[-2:])

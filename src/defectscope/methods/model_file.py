@@ -55,8 +55,16 @@ MAX_CONFIG_BYTES = 16 * 2**20
 MAX_DEPTH = 32
 
 #: Top-level keys every config holds, and the optional ``run`` record of the run layer.
-REQUIRED_KEYS = ("format", "format_version", "defectscope_version", "method", "params", "calibration",
-                 "fit_info", "tensors_sha256")
+REQUIRED_KEYS = (
+    "format",
+    "format_version",
+    "defectscope_version",
+    "method",
+    "params",
+    "calibration",
+    "fit_info",
+    "tensors_sha256",
+)
 OPTIONAL_KEYS = ("run",)
 #: Methods whose anomaly scores are never negative (distances, probabilities): a threshold of 0
 #: or below would judge every image anomalous, so their calibrations must lie above 0.
@@ -228,8 +236,9 @@ def validate_config(config: Any, where: str) -> None:
         except (TypeError, ValueError) as exc:
             fail(str(exc))
         if parsed.rule == MEAN_SIGMA and parsed.sigmas != params.get("threshold_sigmas", parsed.sigmas):
-            fail(f"calibration.sigmas {parsed.sigmas} differs from params.threshold_sigmas "
-                 f"{params['threshold_sigmas']}")
+            fail(
+                f"calibration.sigmas {parsed.sigmas} differs from params.threshold_sigmas {params['threshold_sigmas']}"
+            )
 
 
 def _extra_keys(cls: type[Detector]) -> dict[str, type]:
@@ -237,8 +246,10 @@ def _extra_keys(cls: type[Detector]) -> dict[str, type]:
     from .backbone_detector import BackboneDetector
     from .diffusion_detector import DiffusionDetector
 
-    writers: dict[str, tuple[type, type]] = {"backbone_weights_sha256": (BackboneDetector, str),
-                                             "unet_config": (DiffusionDetector, dict)}
+    writers: dict[str, tuple[type, type]] = {
+        "backbone_weights_sha256": (BackboneDetector, str),
+        "unet_config": (DiffusionDetector, dict),
+    }
     return {key: kind for key, (writer, kind) in writers.items() if issubclass(cls, writer)}
 
 
@@ -261,8 +272,11 @@ def _check_params(cls: type[Detector], params: dict[str, Any], fail: Callable[[s
 
 
 def _init_parameters(cls: type[Detector]) -> dict[str, Any]:
-    return {name: p for name, p in inspect.signature(cls.__init__).parameters.items()
-            if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return {
+        name: p
+        for name, p in inspect.signature(cls.__init__).parameters.items()
+        if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    }
 
 
 def _is_int(value: Any) -> TypeGuard[int]:
@@ -312,7 +326,7 @@ def _describe_type(annotation: Any) -> str:
 
 
 def check_tensors_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Every floating-point tensor holds only finite numbers; a :class:`ModelFileError` naming the first that does not."""
+    """Every floating-point tensor holds only finite numbers; else a :class:`ModelFileError` naming the first."""
     for name, tensor in tensors.items():
         if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
             raise ModelFileError(f"{where}: tensor {_short(name)} holds NaN or infinite values; the model is damaged")
@@ -330,7 +344,7 @@ def _name(key: str) -> str:
 
 def _one_line(exc: BaseException, limit: int = 200) -> str:
     text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # -- loading --------------------------------------------------------------------------------------
@@ -346,7 +360,9 @@ def load(folder: str | os.PathLike) -> Detector:
     if not tensors_path.is_file():
         raise ModelFileError(f"{tensors_path}: missing")
     if sha256_file(tensors_path) != config["tensors_sha256"]:
-        raise ModelFileError(f"{tensors_path}: checksum does not match {CONFIG_FILE}; the file was changed or truncated")
+        raise ModelFileError(
+            f"{tensors_path}: checksum does not match {CONFIG_FILE}; the file was changed or truncated"
+        )
     try:
         tensors = load_file(str(tensors_path))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -366,7 +382,10 @@ def load(folder: str | os.PathLike) -> Detector:
         raise ModelFileError(f"{tensors_path}: tensors do not fit {method} ({_one_line(exc)})") from None
     detector.fit_info = config["fit_info"] or {"loaded": True}
     calibration = config["calibration"]
-    detector.calibration = (Calibration.from_dict(calibration, nonnegative_scores=method in NONNEGATIVE_SCORES)
-                            if calibration is not None else None)
+    detector.calibration = (
+        Calibration.from_dict(calibration, nonnegative_scores=method in NONNEGATIVE_SCORES)
+        if calibration is not None
+        else None
+    )
     detector.run_info = config.get("run")  # type: ignore[attr-defined]  # read by the run layer
     return detector

@@ -111,6 +111,8 @@ class PaDiM(BackboneDetector):
         channels, mean, whitener = tensors["channels"], tensors["mean"], tensors["whitener"]
         p, d = mean.shape
         if channels.shape != (d,) or whitener.shape != (p, d, d):
-            raise ValueError(f"inconsistent shapes: channels {tuple(channels.shape)}, mean {tuple(mean.shape)}, "
-                             f"whitener {tuple(whitener.shape)}")
+            raise ValueError(
+                f"inconsistent shapes: channels {tuple(channels.shape)}, mean {tuple(mean.shape)}, "
+                f"whitener {tuple(whitener.shape)}"
+            )
         self._channels, self._mean, self._whitener = channels.long(), mean.float(), whitener.float()

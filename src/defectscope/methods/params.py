@@ -93,7 +93,7 @@ def _strip_none(annotation: Any) -> tuple[Any, bool]:
     if get_origin(annotation) in (Union, types.UnionType):
         args = [a for a in get_args(annotation) if a is not type(None)]
         if len(args) < len(get_args(annotation)):
-            return (args[0] if len(args) == 1 else Union[tuple(args)]), True
+            return (args[0] if len(args) == 1 else Union[tuple(args)]), True  # noqa: UP007 (built at run time)
     return annotation, False
 
 
@@ -174,8 +174,7 @@ def _parse_sequence(annotation: Any, raw: str) -> tuple[Any, ...] | list[Any]:
     fixed = origin is tuple and args and args[-1] is not Ellipsis
     types_ = list(args) if fixed else [args[0] if args else str] * len(parts)
     if len(types_) != len(parts) or (not fixed and not parts):
-        raise _BadValue(f"{len(types_) if fixed else 'one or more'} comma-separated values "
-                        f"({_type_name(annotation)})")
+        raise _BadValue(f"{len(types_) if fixed else 'one or more'} comma-separated values ({_type_name(annotation)})")
     try:
         values = [_parse_plain(t, p) for t, p in zip(types_, parts)]
     except _BadValue as exc:
@@ -203,8 +202,11 @@ def base_params(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     for base in cls.__mro__[1:]:
         init = base.__dict__.get("__init__")
         if init is not None and base is not object:
-            names |= {n for n, p in inspect.signature(init).parameters.items()
-                      if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD} - {"self"}
+            names |= {
+                n
+                for n, p in inspect.signature(init).parameters.items()
+                if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD
+            } - {"self"}
     return {k: v for k, v in values.items() if k in names}
 
 

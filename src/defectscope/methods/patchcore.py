@@ -73,10 +73,9 @@ class PatchCore(BackboneDetector):
             chunks.append(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]))
         bank = torch.cat(chunks)
         del chunks
-        n_select = max(1, int(round(bank.shape[0] * self.coreset_ratio)))
+        n_select = max(1, round(bank.shape[0] * self.coreset_ratio))
         if n_select < bank.shape[0]:
-            keep = greedy_coreset(bank, n_select, projection_dim=self.projection_dim, seed=self.seed,
-                                  desc="coreset")
+            keep = greedy_coreset(bank, n_select, projection_dim=self.projection_dim, seed=self.seed, desc="coreset")
             bank = bank[keep]
         self._index = NearestNeighbors(bank.contiguous(), exact=self.exact_search)
 

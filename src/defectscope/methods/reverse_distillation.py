@@ -49,10 +49,15 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
         super().__init__()
-        self.body = nn.Sequential(conv_block(in_channels, out_channels, stride=stride),
-                                  conv_block(out_channels, out_channels, activation=None))
-        self.shortcut = (nn.Identity() if stride == 1 and in_channels == out_channels else
-                         conv_block(in_channels, out_channels, stride=stride, kernel=1, activation=None))
+        self.body = nn.Sequential(
+            conv_block(in_channels, out_channels, stride=stride),
+            conv_block(out_channels, out_channels, activation=None),
+        )
+        self.shortcut = (
+            nn.Identity()
+            if stride == 1 and in_channels == out_channels
+            else conv_block(in_channels, out_channels, stride=stride, kernel=1, activation=None)
+        )
         self.act = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,8 +96,11 @@ class ReverseDecoder(nn.Module):
         for rank, (c, target) in enumerate(zip(reversed(channels), reversed(levels))):
             out = max(embed_dim // 2 ** (rank + 1), 16)
             factor = 2 ** (level - target)
-            self.ups.append(nn.Sequential(nn.ConvTranspose2d(width, out, factor, stride=factor, bias=False),
-                                          nn.BatchNorm2d(out), nn.ReLU()))
+            self.ups.append(
+                nn.Sequential(
+                    nn.ConvTranspose2d(width, out, factor, stride=factor, bias=False), nn.BatchNorm2d(out), nn.ReLU()
+                )
+            )
             self.blocks.append(conv_block(out, out))
             self.heads.append(nn.Conv2d(out, c, 1))
             width, level = out, target

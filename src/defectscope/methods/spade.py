@@ -45,8 +45,10 @@ class SPADE(BackboneDetector):
         super().__init__(**base_params(SPADE, locals()))
         check_choice("image_layer", image_layer, LAYERS)
         if num_image_neighbors < 1 or num_patch_neighbors < 1:
-            raise DefectscopeError("num_image_neighbors and num_patch_neighbors must be at least 1, "
-                                   f"got {num_image_neighbors} and {num_patch_neighbors}")
+            raise DefectscopeError(
+                "num_image_neighbors and num_patch_neighbors must be at least 1, "
+                f"got {num_image_neighbors} and {num_patch_neighbors}"
+            )
         self.image_layer = image_layer
         self.num_image_neighbors = num_image_neighbors
         self.num_patch_neighbors = num_patch_neighbors
@@ -113,6 +115,8 @@ class SPADE(BackboneDetector):
     def _load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         pooled, patches = tensors["image_features"], tensors["patch_features"]
         if pooled.ndim != 2 or patches.ndim != 3 or pooled.shape[0] != patches.shape[0]:
-            raise ValueError(f"image_features {tuple(pooled.shape)} and patch_features {tuple(patches.shape)} "
-                             "must be (N, C) and (N, P, D)")
+            raise ValueError(
+                f"image_features {tuple(pooled.shape)} and patch_features {tuple(patches.shape)} "
+                "must be (N, C) and (N, P, D)"
+            )
         self._set_bank(pooled, patches)

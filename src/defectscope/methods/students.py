@@ -62,8 +62,12 @@ class Student(StridedHeads):
     """Strided CNN with a 1x1 regression head at every requested stride: image -> descriptors (finest first)."""
 
     def __init__(self, channels: Sequence[int], levels: Sequence[int], width: int) -> None:
-        super().__init__(channels, levels, lambda level: max(width // 2 ** max(3 - level, 0), 8),
-                         partial(conv_block, activation=_leaky))
+        super().__init__(
+            channels,
+            levels,
+            lambda level: max(width // 2 ** max(3 - level, 0), 8),
+            partial(conv_block, activation=_leaky),
+        )
 
 
 class UninformedStudents(DistillationDetector):
@@ -114,11 +118,14 @@ class UninformedStudents(DistillationDetector):
 
     def _normalised_teacher(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         stats = fitted(self, self._teacher_stats)
-        return [(f.float() - m.to(f.device).view(1, -1, 1, 1)) / s.to(f.device).view(1, -1, 1, 1)
-                for f, (m, s) in zip(features, stats)]
+        return [
+            (f.float() - m.to(f.device).view(1, -1, 1, 1)) / s.to(f.device).view(1, -1, 1, 1)
+            for f, (m, s) in zip(features, stats)
+        ]
 
-    def _error_and_variance(self, images: torch.Tensor, targets: Sequence[torch.Tensor]
-                            ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _error_and_variance(
+        self, images: torch.Tensor, targets: Sequence[torch.Tensor]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer: regression error of the ensemble mean and predictive variance, (B, h, w) each."""
         outputs = [student(images) for student in self.students]
         result = []
@@ -152,8 +159,9 @@ class UninformedStudents(DistillationDetector):
                 loss = loss + sum(squared_distance(o, t).mean() for o, t in zip(student(images), targets))
             return loss / len(students)
 
-        self.train({"students": students}, optimizer, self.epoch_batches(data), step,
-                   lr_schedule=cosine_schedule(self.epochs))
+        self.train(
+            {"students": students}, optimizer, self.epoch_batches(data), step, lr_schedule=cosine_schedule(self.epochs)
+        )
         self._score_stats = self._fit_score_stats(data)
 
     @torch.no_grad()
@@ -197,8 +205,9 @@ class UninformedStudents(DistillationDetector):
         students = self._build()
         students.load_state_dict(under_prefix(tensors, "students"))
         self._students = students.eval()
-        self._teacher_stats = [(tensors[f"teacher_mean.{k}"], tensors[f"teacher_std.{k}"])
-                               for k in range(len(self.layers))]
+        self._teacher_stats = [
+            (tensors[f"teacher_mean.{k}"], tensors[f"teacher_std.{k}"]) for k in range(len(self.layers))
+        ]
         stats = tensors["score_stats"]
         if stats.shape != (len(self.layers), 4):
             raise ValueError(f"score_stats must have shape ({len(self.layers)}, 4), got {tuple(stats.shape)}")

@@ -42,9 +42,17 @@ class TrainedDetector(Detector):
         self.checkpoint_dir = checkpoint_dir
         self.resume = resume
 
-    def trainer(self, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer, *,
-                epochs: int | None = None, time_budget: float | None = None, stage: str | None = None,
-                desc: str | None = None, **options: Any) -> Trainer:
+    def trainer(
+        self,
+        modules: dict[str, torch.nn.Module],
+        optimizer: torch.optim.Optimizer,
+        *,
+        epochs: int | None = None,
+        time_budget: float | None = None,
+        stage: str | None = None,
+        desc: str | None = None,
+        **options: Any,
+    ) -> Trainer:
         """The shared training loop over ``modules`` (already on ``self.device``) for this run.
 
         By default it trains ``epochs`` within ``time_budget`` with checkpoints in ``checkpoint_dir``;
@@ -62,17 +70,40 @@ class TrainedDetector(Detector):
                 checkpoint_dir = checkpoint_dir / stage.replace(" ", "_")
         if epochs is None:
             raise ValueError(f"training stage {stage!r} needs its number of epochs")
-        return Trainer(modules, optimizer, epochs=epochs, seed=self.seed, time_budget=time_budget,
-                       checkpoint_dir=checkpoint_dir, resume=self.resume, identity=identity,
-                       desc=desc or f"training {self.name}", **options)
+        return Trainer(
+            modules,
+            optimizer,
+            epochs=epochs,
+            seed=self.seed,
+            time_budget=time_budget,
+            checkpoint_dir=checkpoint_dir,
+            resume=self.resume,
+            identity=identity,
+            desc=desc or f"training {self.name}",
+            **options,
+        )
 
-    def train(self, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
-              batches: Callable[[int], Iterable[Any]], step: Callable[[Any], StepResult], *,
-              lr_schedule: Callable[[int], float] | None = None, desc: str | None = None,
-              max_grad_norm: float | None = None, checkpoint_every: float = 30.0) -> TrainingLog:
+    def train(
+        self,
+        modules: dict[str, torch.nn.Module],
+        optimizer: torch.optim.Optimizer,
+        batches: Callable[[int], Iterable[Any]],
+        step: Callable[[Any], StepResult],
+        *,
+        lr_schedule: Callable[[int], float] | None = None,
+        desc: str | None = None,
+        max_grad_norm: float | None = None,
+        checkpoint_every: float = 30.0,
+    ) -> TrainingLog:
         """Run the main training of this method; its log goes to ``fit_info["training"]``."""
-        trainer = self.trainer(modules, optimizer, lr_schedule=lr_schedule, desc=desc, max_grad_norm=max_grad_norm,
-                               checkpoint_every=checkpoint_every)
+        trainer = self.trainer(
+            modules,
+            optimizer,
+            lr_schedule=lr_schedule,
+            desc=desc,
+            max_grad_norm=max_grad_norm,
+            checkpoint_every=checkpoint_every,
+        )
         self.training_log = trainer.run(batches, step)
         return self.training_log
 
@@ -80,5 +111,9 @@ class TrainedDetector(Detector):
         if self.training_log is None:
             return {}
         log = asdict(self.training_log)
-        return {"training": {k: log[k] for k in ("epochs_done", "epochs_planned", "stopped_by", "seconds",
-                                                 "resumed_from_epoch")} | {"final_loss": (log["epoch_losses"] or [None])[-1]}}
+        return {
+            "training": {
+                k: log[k] for k in ("epochs_done", "epochs_planned", "stopped_by", "seconds", "resumed_from_epoch")
+            }
+            | {"final_loss": (log["epoch_losses"] or [None])[-1]}
+        }

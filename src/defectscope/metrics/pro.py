@@ -34,9 +34,7 @@ def check_masks_maps(masks: object, maps: object) -> tuple[np.ndarray, np.ndarra
     m = as_binary(masks, "masks")
     a = as_scores(maps, "maps")
     if m.ndim != 3 or a.ndim != 3:
-        raise ValueError(
-            f"masks and maps must be (N, H, W) arrays, got shapes {m.shape} and {a.shape}"
-        )
+        raise ValueError(f"masks and maps must be (N, H, W) arrays, got shapes {m.shape} and {a.shape}")
     if m.shape != a.shape:
         raise ValueError(f"masks and maps differ in shape: {m.shape} vs {a.shape}")
     if m.size == 0:
@@ -61,9 +59,7 @@ def rank_pixels(masks: np.ndarray, maps: np.ndarray, compact: bool = True) -> Ra
     ``compact`` keeps only the thresholds that can change a metric value (exact and several
     times faster); the full curve for plots needs ``compact=False``.
     """
-    return rank_split(
-        maps[masks], maps[~masks], region_weights(masks), compact=compact, name="maps"
-    )
+    return rank_split(maps[masks], maps[~masks], region_weights(masks), compact=compact, name="maps")
 
 
 def pro_points(r: Ranking) -> tuple[np.ndarray, np.ndarray]:

@@ -69,10 +69,7 @@ def as_binary(labels: object, name: str) -> np.ndarray:
     positive = arr == 1
     if not np.all(positive | (arr == 0)):
         bad = arr[~(positive | (arr == 0))][0]
-        raise ValueError(
-            f"{name} must be bool or 0/1, found the value {bad!r} "
-            "(for 0/255 masks pass `mask > 0`)"
-        )
+        raise ValueError(f"{name} must be bool or 0/1, found the value {bad!r} (for 0/255 masks pass `mask > 0`)")
     return positive
 
 
@@ -98,9 +95,7 @@ def require_both_classes(n_pos: int, n_neg: int, what: str, unit: str) -> None:
 
 def _require_finite(sorted_scores: np.ndarray, name: str) -> None:
     # After an ascending sort NaN sits at the end and -inf at the start: two reads check all.
-    if sorted_scores.size and not (
-        np.isfinite(sorted_scores[0]) and np.isfinite(sorted_scores[-1])
-    ):
+    if sorted_scores.size and not (np.isfinite(sorted_scores[0]) and np.isfinite(sorted_scores[-1])):
         raise ValueError(f"{name} contain NaN or infinite values")
 
 
@@ -129,9 +124,7 @@ def _corner_thresholds(pos_sorted: np.ndarray, neg_sorted: np.ndarray) -> np.nda
     return np.unique(np.concatenate((starts, ends[np.isfinite(ends)], [lowest])))
 
 
-def _all_thresholds(
-    pos_sorted: np.ndarray, neg_sorted: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _all_thresholds(pos_sorted: np.ndarray, neg_sorted: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every distinct score, ascending, with the counts of positives / negatives below it.
 
     A stable sort of the two concatenated sorted runs is a linear merge; positive ``j`` lands

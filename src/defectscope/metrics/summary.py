@@ -76,9 +76,7 @@ def _pixel_metrics(
     return metrics, r
 
 
-def compute_metrics(
-    labels: object, scores: object, masks: object = None, maps: object = None
-) -> dict[str, float]:
+def compute_metrics(labels: object, scores: object, masks: object = None, maps: object = None) -> dict[str, float]:
     """Image metrics, plus pixel metrics when both ``masks`` and ``maps`` are given."""
     return _compute(labels, scores, masks, maps, n_points=None)[0]
 
@@ -179,7 +177,11 @@ def assess(
     m, a = np.asarray(masks), np.asarray(maps)
     if has_mask is not None and not np.asarray(has_mask).all():
         metrics, curves = compute_metrics_and_curves(y, s, n_points=n_points)
-        return metrics, curves, ["pixel metrics skipped: some defect images have no ground-truth mask (image-level only)"]
+        return (
+            metrics,
+            curves,
+            ["pixel metrics skipped: some defect images have no ground-truth mask (image-level only)"],
+        )
     defect = y == 1
     empty = defect & ~m.reshape(n, -1).any(axis=1)
     finite_maps = np.isfinite(a.reshape(n, -1)).all(axis=1)
@@ -201,7 +203,8 @@ def assess(
     if pixels and not finite_maps.all():
         notes.append(f"pixel metrics skipped: {int((~finite_maps).sum())} anomaly map(s) hold non-finite values")
         notes += _named_notes(
-            [names[i] for i in np.flatnonzero(~finite_maps)], "anomaly map holds non-finite values",
+            [names[i] for i in np.flatnonzero(~finite_maps)],
+            "anomaly map holds non-finite values",
             "images with non-finite maps",
         )
         pixels = False

@@ -77,7 +77,7 @@ def greedy_coreset(
     return state.centers[: state.count]
 
 
-def _pick_block(state: "_CoverState", wanted: int, n_candidates: int) -> torch.Tensor:
+def _pick_block(state: _CoverState, wanted: int, n_candidates: int) -> torch.Tensor:
     """Up to ``wanted`` next greedy picks, provably those the one-at-a-time algorithm makes."""
     k = min(n_candidates, state.points.shape[0] - 1)
     values, cand = torch.topk(state.min_dist, k + 1)

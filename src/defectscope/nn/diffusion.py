@@ -50,8 +50,9 @@ def require_diffusers() -> ModuleType:
     try:
         return importlib.import_module("diffusers")
     except ImportError as exc:
-        raise DefectscopeError(f"the diffusion methods need the diffusers package ({exc}); "
-                               f"install it with `{INSTALL_HINT}`") from None
+        raise DefectscopeError(
+            f"the diffusion methods need the diffusers package ({exc}); install it with `{INSTALL_HINT}`"
+        ) from None
 
 
 # -- networks ------------------------------------------------------------------------------
@@ -70,10 +71,16 @@ def build_unet(preset: str, image_size: int, channels: int = 3) -> nn.Module:
     base = spec["base_channels"]
     diffusers = require_diffusers()
     return diffusers.UNet2DModel(
-        sample_size=image_size, in_channels=channels, out_channels=channels,
-        block_out_channels=tuple(base * m for m in mults), layers_per_block=spec["layers_per_block"],
-        down_block_types=tuple(down), up_block_types=tuple(up), attention_head_dim=min(32, base),
-        norm_num_groups=min(32, base // 2) if base < 32 else 32)
+        sample_size=image_size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=tuple(base * m for m in mults),
+        layers_per_block=spec["layers_per_block"],
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        attention_head_dim=min(32, base),
+        norm_num_groups=min(32, base // 2) if base < 32 else 32,
+    )
 
 
 def unet_config(unet: nn.Module) -> dict[str, Any]:
@@ -114,8 +121,10 @@ def load_pretrained(folder: str | Path, kinds: Sequence[str]) -> nn.Module:
 
 def unet_noise_model(unet: nn.Module) -> NoiseModel:
     """Wrap a diffusers UNet as ``eps = model(x_t, t)``."""
+
     def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return unet(x, t.clamp(min=0)).sample
+
     return predict
 
 
@@ -151,13 +160,18 @@ class EMA(nn.Module):
 
 
 # -- noise schedule and DDIM -----------------------------------------------------------------
-def alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
-                   beta_schedule: str = "linear") -> torch.Tensor:
+def alphas_cumprod(
+    num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, beta_schedule: str = "linear"
+) -> torch.Tensor:
     """(T,) cumulative products of ``1 - beta_t`` of diffusers' DDPM schedule (DDAD: linear 1e-4..0.02, T=1000)."""
     diffusers = require_diffusers()
     try:
-        scheduler = diffusers.DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_start=beta_start,
-                                            beta_end=beta_end, beta_schedule=beta_schedule)
+        scheduler = diffusers.DDPMScheduler(
+            num_train_timesteps=num_train_timesteps,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            beta_schedule=beta_schedule,
+        )
     except NotImplementedError as exc:
         raise DefectscopeError(f"beta_schedule {beta_schedule!r}: {exc}") from None
     return scheduler.alphas_cumprod.float().clone()
@@ -192,8 +206,14 @@ def predicted_x0(x_t: torch.Tensor, eps: torch.Tensor, abar_t: torch.Tensor) -> 
     return (x_t - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
 
 
-def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, abar_t: torch.Tensor, abar_prev: torch.Tensor,
-              eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
+def ddim_step(
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    abar_t: torch.Tensor,
+    abar_prev: torch.Tensor,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One DDIM update from step t to the earlier step with ``abar_prev`` (Song et al. 2021, eq. 12).
 
     ``eta = 0`` is deterministic; ``eta = 1`` has the DDPM posterior variance and needs ``noise``.
@@ -208,8 +228,9 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, abar_t: torch.Tensor, abar_p
     return x_prev
 
 
-def conditioned_noise(eps: torch.Tensor, x_t: torch.Tensor, y: torch.Tensor, abar_t: torch.Tensor,
-                      w: float) -> torch.Tensor:
+def conditioned_noise(
+    eps: torch.Tensor, x_t: torch.Tensor, y: torch.Tensor, abar_t: torch.Tensor, w: float
+) -> torch.Tensor:
     """DDAD's target-conditioned noise ``eps - w sqrt(1 - abar_t) (y_t - x_t)``.
 
     ``y_t = sqrt(abar_t) y + sqrt(1 - abar_t) eps`` is the target image ``y`` noised with the
@@ -232,8 +253,9 @@ def spatial_fusion(inputs: torch.Tensor, reconstruction: torch.Tensor, mask: tor
     return mask * reconstruction + (1 - mask) * inputs
 
 
-def anomaly_noise_target(eps: torch.Tensor, x_input: torch.Tensor, x_normal: torch.Tensor,
-                         abar_t: torch.Tensor) -> torch.Tensor:
+def anomaly_noise_target(
+    eps: torch.Tensor, x_input: torch.Tensor, x_normal: torch.Tensor, abar_t: torch.Tensor
+) -> torch.Tensor:
     """The noise that leads ``x_t = add_noise(x_input, eps, abar_t)`` back to ``x_normal`` (GLAD's local adaptivity).
 
     It is ``(x_t - sqrt(abar_t) x_normal) / sqrt(1 - abar_t) = eps + sqrt(abar_t / (1 - abar_t)) (x_input - x_normal)``:
@@ -254,9 +276,10 @@ def discrepancy_score(discrepancy: torch.Tensor, top: float = 0.01) -> torch.Ten
     return flat.topk(k, dim=1).values.mean(1)
 
 
-def adaptive_steps(scores: torch.Tensor, low: float | torch.Tensor, high: float | torch.Tensor,
-                   t_min: int, t_max: int) -> torch.Tensor:
-    """(B,) denoising start steps growing linearly with ``scores`` from ``t_min`` (at ``low``) to ``t_max`` (at ``high``).
+def adaptive_steps(
+    scores: torch.Tensor, low: float | torch.Tensor, high: float | torch.Tensor, t_min: int, t_max: int
+) -> torch.Tensor:
+    """(B,) denoising start steps, linear in ``scores`` from ``t_min`` (at ``low``) to ``t_max`` (at ``high``).
 
     Scores below ``low`` (typical of good images) get ``t_min``, above ``high`` get ``t_max``: an
     image far from the prior is noised more so that denoising can remove what is wrong with it.
@@ -278,10 +301,18 @@ def fixed_noise(shape: Sequence[int], n: int, seed: int, device: torch.device | 
     return [torch.randn(tuple(shape), generator=generator).to(device) for _ in range(n)]
 
 
-def ddim_denoise(model: NoiseModel, y: torch.Tensor, t_start: torch.Tensor | int, n_steps: int,
-                 abar: torch.Tensor, *, w: float = 0.0, eta: float = 0.0, seed: int = 0,
-                 fuse: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                 ) -> torch.Tensor:
+def ddim_denoise(
+    model: NoiseModel,
+    y: torch.Tensor,
+    t_start: torch.Tensor | int,
+    n_steps: int,
+    abar: torch.Tensor,
+    *,
+    w: float = 0.0,
+    eta: float = 0.0,
+    seed: int = 0,
+    fuse: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Noise ``y`` (model space) to ``t_start`` (per image or one for all) and denoise it in ``n_steps`` DDIM steps.
 
     With ``w > 0`` each step uses DDAD's :func:`conditioned_noise` towards ``y``. ``fuse(x_prev,
@@ -313,8 +344,9 @@ def pixel_distance(images: torch.Tensor, reconstructions: torch.Tensor) -> torch
     return (images - reconstructions).abs().mean(1)
 
 
-def feature_distance(features: Sequence[torch.Tensor], reconstructed: Sequence[torch.Tensor],
-                     size: tuple[int, int], pool: int = 3) -> torch.Tensor:
+def feature_distance(
+    features: Sequence[torch.Tensor], reconstructed: Sequence[torch.Tensor], size: tuple[int, int], pool: int = 3
+) -> torch.Tensor:
     """(B, H, W) sum over layers of ``1 - cos`` between locally pooled features, upsampled to ``size`` (DDAD's Df)."""
     total = None
     for a, b in zip(features, reconstructed):
@@ -326,7 +358,8 @@ def feature_distance(features: Sequence[torch.Tensor], reconstructed: Sequence[t
     return total
 
 
-def combine_distances(dp: torch.Tensor, df: torch.Tensor, v: float, ratio: float | torch.Tensor,
-                      sigma: float) -> torch.Tensor:
+def combine_distances(
+    dp: torch.Tensor, df: torch.Tensor, v: float, ratio: float | torch.Tensor, sigma: float
+) -> torch.Tensor:
     """DDAD's anomaly map ``v * ratio * Dp + Df`` (ratio = max(Df) / max(Dp)), then Gaussian smoothing."""
     return gaussian_blur(v * ratio * dp + df, sigma)

@@ -32,27 +32,40 @@ def squared_distance(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     return (output - target).pow(2).mean(dim=1)
 
 
-def discrepancy_map(outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], size: tuple[int, int],
-                    distance: Distance = cosine_distance) -> torch.Tensor:
+def discrepancy_map(
+    outputs: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    size: tuple[int, int],
+    distance: Distance = cosine_distance,
+) -> torch.Tensor:
     """Sum over scales of the per-position ``distance``, each upsampled bilinearly to ``size``: (B, H, W)."""
     total = None
     for output, target in zip(outputs, targets, strict=True):
-        d = F.interpolate(distance(output.float(), target.float())[:, None], size=size, mode="bilinear",
-                          align_corners=False)[:, 0]
+        d = F.interpolate(
+            distance(output.float(), target.float())[:, None], size=size, mode="bilinear", align_corners=False
+        )[:, 0]
         total = d if total is None else total + d
     if total is None:
         raise ValueError("discrepancy_map needs at least one scale")
     return total
 
 
-def conv_block(in_channels: int, out_channels: int, *, stride: int = 1, kernel: int = 3,
-               batch_norm: bool = True, activation: type[nn.Module] | None = nn.ReLU) -> nn.Sequential:
+def conv_block(
+    in_channels: int,
+    out_channels: int,
+    *,
+    stride: int = 1,
+    kernel: int = 3,
+    batch_norm: bool = True,
+    activation: type[nn.Module] | None = nn.ReLU,
+) -> nn.Sequential:
     """Convolution ("same" padding, ``stride``), optional batch norm, optional activation; no conv bias.
 
     Without batch norm the block has no bias term at all (MKD's cloner relies on that).
     """
-    layers: list[nn.Module] = [nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2,
-                                         bias=False)]
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2, bias=False)
+    ]
     if batch_norm:
         layers.append(nn.BatchNorm2d(out_channels))
     if activation is not None:
@@ -68,8 +81,14 @@ class StridedHeads(nn.Module):
     ``channels[i]``. The output is the list of head outputs, finest first.
     """
 
-    def __init__(self, channels: Sequence[int], levels: Sequence[int], width: Callable[[int], int],
-                 block: Callable[..., nn.Module], head_bias: bool = True) -> None:
+    def __init__(
+        self,
+        channels: Sequence[int],
+        levels: Sequence[int],
+        width: Callable[[int], int],
+        block: Callable[..., nn.Module],
+        head_bias: bool = True,
+    ) -> None:
         super().__init__()
         self.stages = nn.ModuleList()
         self.heads = nn.ModuleDict()
@@ -152,8 +171,13 @@ class TeacherTargets:
         return item
 
     @classmethod
-    def compute(cls, source: ItemSource, teacher: Callable[[torch.Tensor], list[torch.Tensor]], batch_size: int,
-                desc: str | None = "teacher features") -> TeacherTargets:
+    def compute(
+        cls,
+        source: ItemSource,
+        teacher: Callable[[torch.Tensor], list[torch.Tensor]],
+        batch_size: int,
+        desc: str | None = "teacher features",
+    ) -> TeacherTargets:
         """Run the frozen ``teacher`` (images -> CPU feature maps) once over ``source``."""
         chunks: list[list[torch.Tensor]] = []
         for batch in iterate_batches(source, batch_size, threads=1, desc=desc):

@@ -16,9 +16,14 @@ from .knn import Neighbours
 _CHUNK = 2048  # queries per matrix product: bounds the temporary distance matrix to chunk x bank
 
 
-def nearest_excluding_groups(queries: torch.Tensor, bank: torch.Tensor, k: int,
-                             query_groups: torch.Tensor | None = None, bank_groups: torch.Tensor | None = None,
-                             chunk: int = _CHUNK) -> Neighbours:
+def nearest_excluding_groups(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    k: int,
+    query_groups: torch.Tensor | None = None,
+    bank_groups: torch.Tensor | None = None,
+    chunk: int = _CHUNK,
+) -> Neighbours:
     """Euclidean distances (Q, k) and indices (Q, k) of the k nearest ``bank`` rows of each query.
 
     ``query_groups`` (Q,) or (Q, G) holds the group ids each query must not be matched with
@@ -35,10 +40,10 @@ def nearest_excluding_groups(queries: torch.Tensor, bank: torch.Tensor, k: int,
     bank_sq = (bank * bank).sum(1)
     dists, indices = [], []
     for start in range(0, queries.shape[0], chunk):
-        q = queries[start:start + chunk].float()
+        q = queries[start : start + chunk].float()
         d2 = torch.addmm(bank_sq[None, :], q, bank.T, alpha=-2.0).add_((q * q).sum(1, keepdim=True)).clamp_min_(0.0)
         if query_groups is not None:
-            for column in query_groups[start:start + chunk].T:
+            for column in query_groups[start : start + chunk].T:
                 d2.masked_fill_(bank_groups[None, :] == column[:, None], float("inf"))
         values, index = torch.topk(d2, k, dim=1, largest=False)
         if not torch.isfinite(values[:, -1]).all():

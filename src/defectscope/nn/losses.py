@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from ..postprocess import gaussian_kernel
 
 
-def ssim_map(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5,
-             data_range: float = 1.0) -> torch.Tensor:
+def ssim_map(
+    x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5, data_range: float = 1.0
+) -> torch.Tensor:
     """Local SSIM (Wang et al. 2004) of two (B, C, H, W) batches, per channel: (B, C, H', W').
 
     Local means, variances and covariance come from a Gaussian window of side ``window`` (odd)
@@ -38,14 +39,16 @@ def ssim_map(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 
     return ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
 
 
-def ssim_loss(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5,
-              data_range: float = 1.0) -> torch.Tensor:
+def ssim_loss(
+    x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5, data_range: float = 1.0
+) -> torch.Tensor:
     """1 - mean SSIM: 0 for identical images, up to 2 for anti-correlated ones."""
     return 1.0 - ssim_map(x, y, window, sigma, data_range).mean()
 
 
-def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0,
-               alpha: torch.Tensor | None = None) -> torch.Tensor:
+def focal_loss(
+    logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, alpha: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean focal loss (Lin et al. 2017) of class logits (B, K, ...) against class indices (B, ...).
 
     Each element contributes ``-alpha[t] * (1 - p_t)^gamma * log p_t`` with ``p_t`` the softmax

@@ -16,4 +16,4 @@ def with_prefix(prefix: str, state: Mapping[str, torch.Tensor] | torch.nn.Module
 def under_prefix(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries of ``tensors`` named ``"{prefix}.{key}"``, keyed by ``key``: the inverse of :func:`with_prefix`."""
     start = prefix + "."
-    return {k[len(start):]: v for k, v in tensors.items() if k.startswith(start)}
+    return {k[len(start) :]: v for k, v in tensors.items() if k.startswith(start)}

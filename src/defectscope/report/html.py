@@ -39,9 +39,14 @@ table.metrics { border-collapse: collapse; } table.metrics td, table.metrics th 
 """
 
 
-def write_report(folder: Path, summary: dict[str, Any], records: Sequence[Record],
-                 curves: dict[str, tuple[np.ndarray, np.ndarray]], with_images: bool = True,
-                 with_reconstructions: bool = False) -> Path:
+def write_report(
+    folder: Path,
+    summary: dict[str, Any],
+    records: Sequence[Record],
+    curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    with_images: bool = True,
+    with_reconstructions: bool = False,
+) -> Path:
     """Write ``folder/report.html`` for a test run.
 
     ``summary`` is what ``metrics.json`` holds (run, data, metrics, threshold, ...), ``records``
@@ -59,7 +64,8 @@ def write_report(folder: Path, summary: dict[str, Any], records: Sequence[Record
     n_fp = sum(_flag(r) == "fp" for r in records)
     n_fn = sum(_flag(r) == "fn" for r in records)
     facts = [
-        f"run: {summary.get('run', '')}", f"data: {summary.get('data', '')}",
+        f"run: {summary.get('run', '')}",
+        f"data: {summary.get('data', '')}",
         f"{len(records)} images: {sum(r.label == 0 for r in records)} good, "
         f"{sum(r.label == 1 for r in records)} defective",
         f"threshold: {_fmt(threshold) if threshold is not None else 'none (model not calibrated)'}",
@@ -68,38 +74,77 @@ def write_report(folder: Path, summary: dict[str, Any], records: Sequence[Record
     if threshold is not None:
         facts.append(f"{n_fp} false positives, {n_fn} false negatives at the threshold")
     if errors:
-        facts.append(f"{len(errors)} image(s) could not be judged (verdict error): "
-                     + "; ".join(f"{Path(r.path).name}: {r.reason}" for r in errors[:5]))
+        facts.append(
+            f"{len(errors)} image(s) could not be judged (verdict error): "
+            + "; ".join(f"{Path(r.path).name}: {r.reason}" for r in errors[:5])
+        )
     facts += [f"note: {note}" for note in summary.get("notes", [])]
     plots = []
     if "roc" in curves:
-        plots.append(_line_plot("Image ROC", "false positive rate", "true positive rate", curves["roc"],
-                                (0.0, 1.0), summary["metrics"].get("image_auroc"), "AUROC"))
+        plots.append(
+            _line_plot(
+                "Image ROC",
+                "false positive rate",
+                "true positive rate",
+                curves["roc"],
+                (0.0, 1.0),
+                summary["metrics"].get("image_auroc"),
+                "AUROC",
+            )
+        )
     if "pr" in curves:
-        plots.append(_line_plot("Image precision-recall", "recall", "precision", curves["pr"],
-                                (0.0, 1.0), summary["metrics"].get("image_ap"), "AP"))
+        plots.append(
+            _line_plot(
+                "Image precision-recall",
+                "recall",
+                "precision",
+                curves["pr"],
+                (0.0, 1.0),
+                summary["metrics"].get("image_ap"),
+                "AP",
+            )
+        )
     if "pro" in curves:
-        plots.append(_line_plot("Pixel per-region overlap", "false positive rate", "PRO", curves["pro"],
-                                (0.0, 0.3), summary["metrics"].get("aupro"), "AUPRO"))
+        plots.append(
+            _line_plot(
+                "Pixel per-region overlap",
+                "false positive rate",
+                "PRO",
+                curves["pro"],
+                (0.0, 0.3),
+                summary["metrics"].get("aupro"),
+                "AUPRO",
+            )
+        )
     if scores.size:
         plots.append(_histogram(scores, labels, threshold))
-    cards = [_card(r, with_images, with_reconstructions)
-             for r in [*errors, *sorted(judged, key=lambda r: -r.score)]]
-    layout = ("Left: input. Middle: the model's reconstruction (what the part should look like). Right: anomaly map"
-              if with_reconstructions else "Left: input. Right: anomaly map")
+    cards = [_card(r, with_images, with_reconstructions) for r in [*errors, *sorted(judged, key=lambda r: -r.score)]]
+    layout = (
+        "Left: input. Middle: the model's reconstruction (what the part should look like). Right: anomaly map"
+        if with_reconstructions
+        else "Left: input. Right: anomaly map"
+    )
     page = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
         f"<title>defectscope report: {_esc(summary.get('run', ''))}</title>",
         f"<style>{_STYLE}</style></head><body>",
         "<h1>defectscope test report</h1>",
         *(f'<p class="facts">{_esc(f)}</p>' for f in facts),
-        "<h2>Metrics</h2>", _metrics_table(summary["metrics"]),
-        "<h2>Curves and scores</h2>", '<div class="plots">', *plots, "</div>",
+        "<h2>Metrics</h2>",
+        _metrics_table(summary["metrics"]),
+        "<h2>Curves and scores</h2>",
+        '<div class="plots">',
+        *plots,
+        "</div>",
         "<h2>Images, highest score first</h2>",
         f'<p class="facts">{layout} over the input, ground truth outlined in green. '
         "Red cards are wrong verdicts (false positive: good image judged anomalous; false negative: "
         "defective image judged good).</p>",
-        '<div class="grid">', *cards, "</div>", "</body></html>",
+        '<div class="grid">',
+        *cards,
+        "</div>",
+        "</body></html>",
     ]
     return atomic_write(Path(folder) / REPORT_FILE, "\n".join(page) + "\n")
 
@@ -135,15 +180,24 @@ def _card(record: Record, with_images: bool, with_reconstructions: bool = False)
     images = ""
     if with_images and record.overlay:
         stem = Path(record.overlay).stem
-        images = (f'<img src="overlays/inputs/{_esc(stem)}.jpg" alt="input {_esc(name)}" loading="lazy">'
-                  + (f'<img src="overlays/reconstructions/{_esc(stem)}.jpg" alt="reconstruction {_esc(name)}" '
-                     'loading="lazy">' if with_reconstructions else "")
-                  + f'<img src="{_esc(record.overlay)}" alt="anomaly map {_esc(name)}" loading="lazy">')
+        images = (
+            f'<img src="overlays/inputs/{_esc(stem)}.jpg" alt="input {_esc(name)}" loading="lazy">'
+            + (
+                f'<img src="overlays/reconstructions/{_esc(stem)}.jpg" alt="reconstruction {_esc(name)}" '
+                'loading="lazy">'
+                if with_reconstructions
+                else ""
+            )
+            + f'<img src="{_esc(record.overlay)}" alt="anomaly map {_esc(name)}" loading="lazy">'
+        )
     wide = " wide" if with_images and with_reconstructions else ""
-    return (f'<div class="card {flag or "ok"}{wide}" data-score="{record.score:.6g}" data-label="{record.label}">'
-            f"{images}<div class=\"name\">{_esc(name)}</div>"
-            f"<div>score {record.score:.4g} &middot; verdict {_esc(verdict_text)}"
-            + (f' &middot; <span class="flag">{_esc(flag_text)}</span>' if flag_text else "") + "</div></div>")
+    return (
+        f'<div class="card {flag or "ok"}{wide}" data-score="{record.score:.6g}" data-label="{record.label}">'
+        f'{images}<div class="name">{_esc(name)}</div>'
+        f"<div>score {record.score:.4g} &middot; verdict {_esc(verdict_text)}"
+        + (f' &middot; <span class="flag">{_esc(flag_text)}</span>' if flag_text else "")
+        + "</div></div>"
+    )
 
 
 # -- SVG plots ---------------------------------------------------------------------------------
@@ -174,41 +228,63 @@ class _Frame:
         return _H - _BOTTOM - (y - self.y0) / (self.y1 - self.y0) * (_H - _TOP - _BOTTOM)
 
     def axes(self, title: str, xlabel: str, ylabel: str) -> list[str]:
-        parts = [f'<text x="{_W / 2}" y="18" text-anchor="middle" font-size="14" font-weight="bold">'
-                 f"{_esc(title)}</text>"]
+        parts = [
+            f'<text x="{_W / 2}" y="18" text-anchor="middle" font-size="14" font-weight="bold">{_esc(title)}</text>'
+        ]
         for t in _ticks(self.x0, self.x1):
             x = self.px(t)
-            parts.append(f'<line x1="{x:.1f}" y1="{_TOP}" x2="{x:.1f}" y2="{_H - _BOTTOM}" stroke="#eee"/>'
-                         f'<text x="{x:.1f}" y="{_H - _BOTTOM + 14}" text-anchor="middle" font-size="10">'
-                         f"{t:.3g}</text>")
+            parts.append(
+                f'<line x1="{x:.1f}" y1="{_TOP}" x2="{x:.1f}" y2="{_H - _BOTTOM}" stroke="#eee"/>'
+                f'<text x="{x:.1f}" y="{_H - _BOTTOM + 14}" text-anchor="middle" font-size="10">'
+                f"{t:.3g}</text>"
+            )
         for t in _ticks(self.y0, self.y1):
             y = self.py(t)
-            parts.append(f'<line x1="{_LEFT}" y1="{y:.1f}" x2="{_W - _RIGHT}" y2="{y:.1f}" stroke="#eee"/>'
-                         f'<text x="{_LEFT - 4}" y="{y + 3:.1f}" text-anchor="end" font-size="10">{t:.3g}</text>')
-        parts.append(f'<rect x="{_LEFT}" y="{_TOP}" width="{_W - _LEFT - _RIGHT}" height="{_H - _TOP - _BOTTOM}" '
-                     'fill="none" stroke="#888"/>')
-        parts.append(f'<text x="{(_LEFT + _W - _RIGHT) / 2}" y="{_H - 8}" text-anchor="middle" font-size="12">'
-                     f"{_esc(xlabel)}</text>")
-        parts.append(f'<text transform="translate(14 {(_TOP + _H - _BOTTOM) / 2}) rotate(-90)" text-anchor="middle" '
-                     f'font-size="12">{_esc(ylabel)}</text>')
+            parts.append(
+                f'<line x1="{_LEFT}" y1="{y:.1f}" x2="{_W - _RIGHT}" y2="{y:.1f}" stroke="#eee"/>'
+                f'<text x="{_LEFT - 4}" y="{y + 3:.1f}" text-anchor="end" font-size="10">{t:.3g}</text>'
+            )
+        parts.append(
+            f'<rect x="{_LEFT}" y="{_TOP}" width="{_W - _LEFT - _RIGHT}" height="{_H - _TOP - _BOTTOM}" '
+            'fill="none" stroke="#888"/>'
+        )
+        parts.append(
+            f'<text x="{(_LEFT + _W - _RIGHT) / 2}" y="{_H - 8}" text-anchor="middle" font-size="12">'
+            f"{_esc(xlabel)}</text>"
+        )
+        parts.append(
+            f'<text transform="translate(14 {(_TOP + _H - _BOTTOM) / 2}) rotate(-90)" text-anchor="middle" '
+            f'font-size="12">{_esc(ylabel)}</text>'
+        )
         return parts
 
 
 def _svg(kind: str, parts: list[str]) -> str:
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" data-plot="{kind}" width="{_W}" height="{_H}" '
-            f'viewBox="0 0 {_W} {_H}" font-family="sans-serif">' + "".join(parts) + "</svg>")
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" data-plot="{kind}" width="{_W}" height="{_H}" '
+        f'viewBox="0 0 {_W} {_H}" font-family="sans-serif">' + "".join(parts) + "</svg>"
+    )
 
 
-def _line_plot(title: str, xlabel: str, ylabel: str, curve: tuple[np.ndarray, np.ndarray],
-               x_range: tuple[float, float], area: float | None, area_name: str) -> str:
+def _line_plot(
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    curve: tuple[np.ndarray, np.ndarray],
+    x_range: tuple[float, float],
+    area: float | None,
+    area_name: str,
+) -> str:
     frame = _Frame(x_range, (0.0, 1.0))
     x, y = curve
     points = " ".join(f"{frame.px(a):.1f},{frame.py(b):.1f}" for a, b in zip(x, y))
     parts = frame.axes(title, xlabel, ylabel)
     parts.append(f'<polyline points="{points}" fill="none" stroke="{_LINE}" stroke-width="2"/>')
     if area is not None:
-        parts.append(f'<text x="{_W - _RIGHT - 6}" y="{_H - _BOTTOM - 8}" text-anchor="end" font-size="12">'
-                     f"{area_name} {_fmt(area)}</text>")
+        parts.append(
+            f'<text x="{_W - _RIGHT - 6}" y="{_H - _BOTTOM - 8}" text-anchor="end" font-size="12">'
+            f"{area_name} {_fmt(area)}</text>"
+        )
     return _svg(area_name.lower(), parts)
 
 
@@ -228,18 +304,24 @@ def _histogram(scores: np.ndarray, labels: np.ndarray, threshold: float | None, 
         for left, right, count in zip(edges[:-1], edges[1:], counts):
             if count:
                 top, x0 = frame.py(float(count)), frame.px(left)
-                parts.append(f'<rect x="{x0:.1f}" y="{top:.1f}" width="{frame.px(right) - x0:.1f}" '
-                             f'height="{base - top:.1f}" fill="{colour}" fill-opacity="0.55"/>')
+                parts.append(
+                    f'<rect x="{x0:.1f}" y="{top:.1f}" width="{frame.px(right) - x0:.1f}" '
+                    f'height="{base - top:.1f}" fill="{colour}" fill-opacity="0.55"/>'
+                )
     if threshold is not None:
         x = frame.px(threshold)
         left_of_line = x > _W / 2
-        parts.append(f'<line x1="{x:.1f}" y1="{_TOP}" x2="{x:.1f}" y2="{base:.1f}" stroke="{_THRESHOLD}" '
-                     'stroke-width="2" stroke-dasharray="5,3"/>'
-                     f'<text x="{x - 4 if left_of_line else x + 4:.1f}" y="{_TOP + 12}" font-size="11" '
-                     f'text-anchor="{"end" if left_of_line else "start"}" fill="{_THRESHOLD}">threshold</text>')
+        parts.append(
+            f'<line x1="{x:.1f}" y1="{_TOP}" x2="{x:.1f}" y2="{base:.1f}" stroke="{_THRESHOLD}" '
+            'stroke-width="2" stroke-dasharray="5,3"/>'
+            f'<text x="{x - 4 if left_of_line else x + 4:.1f}" y="{_TOP + 12}" font-size="11" '
+            f'text-anchor="{"end" if left_of_line else "start"}" fill="{_THRESHOLD}">threshold</text>'
+        )
     legend_y = _H - 17
-    parts.append(f'<rect x="8" y="{legend_y}" width="10" height="10" fill="{_GOOD}" fill-opacity="0.55"/>'
-                 f'<text x="21" y="{legend_y + 9}" font-size="11">good</text>'
-                 f'<rect x="54" y="{legend_y}" width="10" height="10" fill="{_BAD}" fill-opacity="0.55"/>'
-                 f'<text x="67" y="{legend_y + 9}" font-size="11">defective</text>')
+    parts.append(
+        f'<rect x="8" y="{legend_y}" width="10" height="10" fill="{_GOOD}" fill-opacity="0.55"/>'
+        f'<text x="21" y="{legend_y + 9}" font-size="11">good</text>'
+        f'<rect x="54" y="{legend_y}" width="10" height="10" fill="{_BAD}" fill-opacity="0.55"/>'
+        f'<text x="67" y="{legend_y + 9}" font-size="11">defective</text>'
+    )
     return _svg("histogram", parts)

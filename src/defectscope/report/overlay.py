@@ -10,8 +10,10 @@ from PIL import Image
 from scipy import ndimage
 
 # Colour ramp from dark blue through cyan, yellow to red (a perceptually ordered "jet"-like ramp).
-_RAMP = np.array([[0, 0, 128], [0, 64, 255], [0, 200, 255], [80, 255, 160], [255, 230, 0], [255, 90, 0], [180, 0, 0]],
-                 dtype=np.float32)
+_RAMP = np.array(
+    [[0, 0, 128], [0, 64, 255], [0, 200, 255], [80, 255, 160], [255, 230, 0], [255, 90, 0], [180, 0, 0]],
+    dtype=np.float32,
+)
 
 
 def colorize(values: np.ndarray) -> np.ndarray:
@@ -27,8 +29,9 @@ def to_rgb(image: torch.Tensor) -> np.ndarray:
     return (image.permute(1, 2, 0).clamp(0, 1).numpy() * 255.0).astype(np.uint8)
 
 
-def overlay(image: torch.Tensor, amap: torch.Tensor, vmax: float, mask: torch.Tensor | None = None,
-            alpha: float = 0.45) -> Image.Image:
+def overlay(
+    image: torch.Tensor, amap: torch.Tensor, vmax: float, mask: torch.Tensor | None = None, alpha: float = 0.45
+) -> Image.Image:
     """Blend the colourised map (scaled to [0, vmax]) over the image; outline the mask in green."""
     rgb = to_rgb(image).astype(np.float32)
     heat = colorize(amap.numpy() / max(vmax, 1e-12)).astype(np.float32)
@@ -53,11 +56,12 @@ def unique_names(paths: list[str]) -> list[str]:
     last (``000_png`` / ``000_jpg``). Separators become ``_``, so names never leave their folder;
     a path named twice is numbered.
     """
+
     def candidates(path: str) -> list[str]:
         p = Path(path)
         parents = [part for part in p.parent.parts if part not in ("/", "\\", ".", "..")]
-        found = ["_".join([*parents[len(parents) - k:], p.stem]) for k in range(len(parents) + 1)]
-        return found + ["_".join([*parents, p.stem, p.suffix.lstrip(".")])]
+        found = ["_".join([*parents[len(parents) - k :], p.stem]) for k in range(len(parents) + 1)]
+        return [*found, "_".join([*parents, p.stem, p.suffix.lstrip(".")])]
 
     distinct = list(dict.fromkeys(paths))
     options = [candidates(p) for p in distinct]

@@ -86,7 +86,15 @@ def _autocontrast(image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor
 
 
 COLOUR_OPS: tuple[Callable[[torch.Tensor, np.random.Generator], torch.Tensor], ...] = (
-    _gamma, _brightness, _channel_shuffle, _posterise, _invert, _solarise, _sharpen, _autocontrast)
+    _gamma,
+    _brightness,
+    _channel_shuffle,
+    _posterise,
+    _invert,
+    _solarise,
+    _sharpen,
+    _autocontrast,
+)
 
 
 def random_colour(image: torch.Tensor, rng: np.random.Generator, n_ops: int = 3) -> torch.Tensor:
@@ -105,7 +113,7 @@ def random_geometry(image: torch.Tensor, rng: np.random.Generator, min_crop: flo
     crop_h = max(1, round(height * rng.uniform(min_crop, 1.0)))
     crop_w = max(1, round(width * rng.uniform(min_crop, 1.0)))
     top, left = int(rng.integers(0, height - crop_h + 1)), int(rng.integers(0, width - crop_w + 1))
-    out = image[:, top:top + crop_h, left:left + crop_w]
+    out = image[:, top : top + crop_h, left : left + crop_w]
     flips = [d for d, flip in ((1, rng.random() < 0.5), (2, rng.random() < 0.5)) if flip]
     if flips:
         out = out.flip(flips)
@@ -124,7 +132,9 @@ def resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False, antialias=True)[0]
 
 
-def changed_region(image: torch.Tensor, candidate: torch.Tensor, region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def changed_region(
+    image: torch.Tensor, candidate: torch.Tensor, region: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep ``candidate`` only where ``region`` is set and it differs visibly from ``image``.
 
     "Visibly" means by at least one 8-bit grey level (1/255) in some channel, so the change

@@ -34,7 +34,9 @@ class CropPaste:
             check_image(image, f"defect image {index}")
             mask = torch.as_tensor(mask).bool()
             if tuple(mask.shape) != tuple(image.shape[1:]):
-                raise DefectscopeError(f"defect {index}: mask is {tuple(mask.shape)} but its image is {tuple(image.shape[1:])}")
+                raise DefectscopeError(
+                    f"defect {index}: mask is {tuple(mask.shape)} but its image is {tuple(image.shape[1:])}"
+                )
             if not mask.any():
                 raise DefectscopeError(f"defect {index}: mask is empty, so there is no defect region to paste")
             rows, cols = torch.nonzero(mask.any(dim=1))[:, 0], torch.nonzero(mask.any(dim=0))[:, 0]
@@ -56,7 +58,10 @@ class CropPaste:
         piece = piece.to(image.dtype)
         flips = [d for d, flip in ((-2, rng.random() < 0.5), (-1, rng.random() < 0.5)) if flip]
         quarter_turns = int(rng.integers(4))
-        piece, shape = piece.flip(flips).rot90(quarter_turns, (-2, -1)), shape.flip(flips).rot90(quarter_turns, (-2, -1))
+        piece, shape = (
+            piece.flip(flips).rot90(quarter_turns, (-2, -1)),
+            shape.flip(flips).rot90(quarter_turns, (-2, -1)),
+        )
         h, w = shape.shape
         scale = min(rng.uniform(*SCALE), height / h, width / w)
         size = (max(1, round(h * scale)), max(1, round(w * scale)))
@@ -65,7 +70,7 @@ class CropPaste:
         piece = color_jitter(piece, rng, JITTER, JITTER, JITTER, JITTER)
         top, left = int(rng.integers(0, height - size[0] + 1)), int(rng.integers(0, width - size[1] + 1))
         region = torch.zeros((height, width), dtype=torch.bool)
-        region[top:top + size[0], left:left + size[1]] = shape
+        region[top : top + size[0], left : left + size[1]] = shape
         candidate = image.clone()
-        candidate[:, top:top + size[0], left:left + size[1]] = piece
+        candidate[:, top : top + size[0], left : left + size[1]] = piece
         return changed_region(image, candidate, region)

@@ -23,12 +23,12 @@ def _patch(image: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor,
     h = min(height, max(1, round(math.sqrt(area * aspect))))
     w = min(width, max(1, round(math.sqrt(area / aspect))))
     top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
-    piece = color_jitter(image[:, top:top + h, left:left + w], rng, JITTER, JITTER, JITTER, JITTER)
+    piece = color_jitter(image[:, top : top + h, left : left + w], rng, JITTER, JITTER, JITTER, JITTER)
     top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
     candidate = image.clone()
-    candidate[:, top:top + h, left:left + w] = piece
+    candidate[:, top : top + h, left : left + w] = piece
     region = torch.zeros((height, width), dtype=torch.bool)
-    region[top:top + h, left:left + w] = True
+    region[top : top + h, left : left + w] = True
     return candidate, region
 
 
@@ -39,7 +39,7 @@ def _scar(image: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, 
     h = min(height, max(1, round(rng.uniform(10, 25) * scale)))  # length, along the rows before rotation
     w = min(width, max(1, round(rng.uniform(2, 16) * scale)))
     top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
-    piece = color_jitter(image[:, top:top + h, left:left + w], rng, JITTER, JITTER, JITTER, JITTER)
+    piece = color_jitter(image[:, top : top + h, left : left + w], rng, JITTER, JITTER, JITTER, JITTER)
 
     angle = math.radians(rng.uniform(-45.0, 45.0))
     radius = math.hypot(h, w) / 2.0

@@ -63,4 +63,6 @@ def perlin_mask(
         mask = noise > threshold
         if mask.sum() >= need:
             return mask
-    raise ValueError(f"perlin_mask: no mask covering 0.5 % of {shape} in {_MAX_TRIES} draws; threshold {threshold} is too high")
+    raise ValueError(
+        f"perlin_mask: no mask covering 0.5 % of {shape} in {_MAX_TRIES} draws; threshold {threshold} is too high"
+    )

@@ -26,8 +26,13 @@ def texture_files(folder: str | os.PathLike[str]) -> list[Path]:
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise DataError(f"{root}: texture folder not found")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
     if not files:
         raise DataError(f"{root}: no texture images in folder (expected one of {' '.join(sorted(IMAGE_EXTENSIONS))})")
     return files

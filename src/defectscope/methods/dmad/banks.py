@@ -123,17 +123,28 @@ class BankBuilder:
 
         features = pool["features"]
         owners = np.array(categories)[pool["category"].numpy()]
-        keep = self.coreset_per_category(features, owners, lambda n: max(det.num_neighbors + 1,
-                                                                         round(n * det.coreset_ratio)),
-                                         "normal bank coreset")
+        keep = self.coreset_per_category(
+            features, owners, lambda n: max(det.num_neighbors + 1, round(n * det.coreset_ratio)), "normal bank coreset"
+        )
         normal_bank, normal_groups = features[keep].contiguous(), pool["groups"][keep]
         del pool, features
         # a generator of its own, so labelled defects do not change which synthetic anomalies count
         bars, scale = self.visibility_bars(queries, normal_bank, normal_groups, np.random.default_rng([det.seed, 23]))
-        anomaly_bank, anomaly_groups, n_labelled = self.anomaly_bank(anomalies, labelled, bars, normal_bank,
-                                                                     normal_groups)
-        return Banks(categories, normal_bank, normal_groups, anomaly_bank, anomaly_groups, n_labelled, queries, bars,
-                     scale, unused)
+        anomaly_bank, anomaly_groups, n_labelled = self.anomaly_bank(
+            anomalies, labelled, bars, normal_bank, normal_groups
+        )
+        return Banks(
+            categories,
+            normal_bank,
+            normal_groups,
+            anomaly_bank,
+            anomaly_groups,
+            n_labelled,
+            queries,
+            bars,
+            scale,
+            unused,
+        )
 
     def good_patches(self, queries: PatchTable, rng: np.random.Generator) -> PatchTable:
         """The normal pool (at most ``max_patches`` random patches per category) and normal training patches."""
@@ -146,11 +157,20 @@ class BankBuilder:
             for features in emb.permute(0, 2, 3, 1).reshape(emb.shape[0], -1, emb.shape[1]):
                 n_images = per_category[samples[index].category]
                 keep = rng.permutation(len(features))[: math.ceil(det.max_patches / n_images)]
-                pool.add(features=features[keep], groups=torch.full((len(keep),), index),
-                         category=torch.full((len(keep),), categories.index(samples[index].category)))
+                pool.add(
+                    features=features[keep],
+                    groups=torch.full((len(keep),), index),
+                    category=torch.full((len(keep),), categories.index(samples[index].category)),
+                )
                 ask = rng.permutation(len(features))[: math.ceil(det.max_train_patches / n_images)]
-                self.add_queries(queries, features[ask], torch.zeros(len(ask), dtype=torch.bool),
-                                 (index, NO_GROUP), samples[index].category, labelled=False)
+                self.add_queries(
+                    queries,
+                    features[ask],
+                    torch.zeros(len(ask), dtype=torch.bool),
+                    (index, NO_GROUP),
+                    samples[index].category,
+                    labelled=False,
+                )
                 index += 1
         return pool
 
@@ -161,17 +181,29 @@ class BankBuilder:
         for category in self.categories:
             members = [i for i, s in enumerate(samples) if s.category == category]
             chosen += sorted(rng.permutation(members)[: det.synthetic_images].tolist())
-        synth = SynthDataset(ImageDataset([samples[i] for i in chosen], det.image_size),
-                             GreyKeepingMixture(PerlinTexture(), CutPaste("patch"), CutPaste("scar")), seed=det.seed)
+        synth = SynthDataset(
+            ImageDataset([samples[i] for i in chosen], det.image_size),
+            GreyKeepingMixture(PerlinTexture(), CutPaste("patch"), CutPaste("scar")),
+            seed=det.seed,
+        )
         done = 0
         for batch in iterate_batches(synth, det.batch_size, desc="synthetic anomalies"):
-            ids = chosen[done:done + len(batch["path"])]
-            self.add_anomalous_images(batch["synth_image"], batch["synth_mask"], [(i, NO_GROUP) for i in ids],
-                                      [samples[i].category for i in ids], anomalies, queries, rng, labelled=False)
+            ids = chosen[done : done + len(batch["path"])]
+            self.add_anomalous_images(
+                batch["synth_image"],
+                batch["synth_mask"],
+                [(i, NO_GROUP) for i in ids],
+                [samples[i].category for i in ids],
+                anomalies,
+                queries,
+                rng,
+                labelled=False,
+            )
             done += len(ids)
 
-    def visibility_bars(self, queries: PatchTable, normal_bank: torch.Tensor, normal_groups: torch.Tensor,
-                        rng: np.random.Generator) -> tuple[dict[str, float], float]:
+    def visibility_bars(
+        self, queries: PatchTable, normal_bank: torch.Tensor, normal_groups: torch.Tensor, rng: np.random.Generator
+    ) -> tuple[dict[str, float], float]:
         """Per category, the ``visible_quantile`` of the leave-one-out nearest-normal distances of normal
         patches: the bar a synthetic anomaly must clear to count (one that changed the image but not its
         features is no anomaly). Also the distance scale: their median over all categories."""
@@ -179,15 +211,24 @@ class BankBuilder:
         category = queries.categories()
         plain = np.flatnonzero(~queries["labels"].numpy() & ~queries["labelled"].numpy())
         plain = rng.permutation(plain)[: det.max_train_patches * len(self.categories)]
-        reference = nearest_excluding_groups(queries["features"][plain], normal_bank, 1, queries["groups"][plain],
-                                             normal_groups).distances[:, 0]
+        reference = nearest_excluding_groups(
+            queries["features"][plain], normal_bank, 1, queries["groups"][plain], normal_groups
+        ).distances[:, 0]
         scale = float(reference.median().clamp_min(1e-6))
-        bars = {c: float(reference[torch.from_numpy(category[plain] == c)].quantile(det.visible_quantile))
-                for c in self.categories}
+        bars = {
+            c: float(reference[torch.from_numpy(category[plain] == c)].quantile(det.visible_quantile))
+            for c in self.categories
+        }
         return bars, scale
 
-    def anomaly_bank(self, anomalies: PatchTable, labelled: PatchTable, bars: dict[str, float],
-                     normal_bank: torch.Tensor, normal_groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def anomaly_bank(
+        self,
+        anomalies: PatchTable,
+        labelled: PatchTable,
+        bars: dict[str, float],
+        normal_bank: torch.Tensor,
+        normal_groups: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Coresets of the visible synthetic anomalous patches and of the labelled-defect patches
         (at most ``anomaly_bank_size`` each per category), with their groups and the labelled count."""
         det, samples = self.det, self.samples
@@ -196,19 +237,24 @@ class BankBuilder:
         visible = nearest_excluding_groups(features, normal_bank, 1, groups, normal_groups).distances[:, 0] > bar
         features, groups = features[visible], groups[visible]
         if len(features) < det.num_neighbors + 1:
-            raise DefectscopeError(f"synthetic anomalies gave only {len(features)} anomalous patches; "
-                                   "use larger images or more synthetic_images")
+            raise DefectscopeError(
+                f"synthetic anomalies gave only {len(features)} anomalous patches; "
+                "use larger images or more synthetic_images"
+            )
         owners = np.array([samples[int(i)].category for i in groups])
         keep = self.coreset_per_category(features, owners, lambda n: det.anomaly_bank_size, "anomaly bank coreset")
         real, real_groups = labelled["features"].reshape(-1, features.shape[1]), labelled["groups"].long()
         owners = np.array([det.labelled_defects[int(i) - len(samples)].category for i in real_groups], dtype=object)
-        real_keep = self.coreset_per_category(real, owners, lambda n: det.anomaly_bank_size,
-                                              "labelled anomaly coreset")
-        return (torch.cat([features[keep], real[real_keep]]).contiguous(),
-                torch.cat([groups[keep], real_groups[real_keep]]), len(real_keep))
+        real_keep = self.coreset_per_category(real, owners, lambda n: det.anomaly_bank_size, "labelled anomaly coreset")
+        return (
+            torch.cat([features[keep], real[real_keep]]).contiguous(),
+            torch.cat([groups[keep], real_groups[real_keep]]),
+            len(real_keep),
+        )
 
-    def coreset_per_category(self, features: torch.Tensor, owners: np.ndarray, size: Callable[[int], int],
-                             desc: str) -> torch.Tensor:
+    def coreset_per_category(
+        self, features: torch.Tensor, owners: np.ndarray, size: Callable[[int], int], desc: str
+    ) -> torch.Tensor:
         """Row indices of a coreset of each category's rows (``size(n)`` of its n rows), so that in a
         unified model every category keeps the bank it would have on its own."""
         chosen = [torch.empty(0, dtype=torch.long)]
@@ -221,12 +267,20 @@ class BankBuilder:
         """Indices of a greedy coreset of ``n_select`` rows, or all rows when there are not more."""
         if n_select >= len(features):
             return slice(None)
-        return greedy_coreset(features, n_select, projection_dim=self.det.projection_dim, seed=self.det.seed,
-                              desc=desc)
+        return greedy_coreset(features, n_select, projection_dim=self.det.projection_dim, seed=self.det.seed, desc=desc)
 
-    def add_anomalous_images(self, images: torch.Tensor, masks: torch.Tensor, groups: list[tuple[int, int]],
-                             categories: list[str], bank: PatchTable, queries: PatchTable, rng: np.random.Generator,
-                             labelled: bool, bank_group: list[int] | None = None) -> None:
+    def add_anomalous_images(
+        self,
+        images: torch.Tensor,
+        masks: torch.Tensor,
+        groups: list[tuple[int, int]],
+        categories: list[str],
+        bank: PatchTable,
+        queries: PatchTable,
+        rng: np.random.Generator,
+        labelled: bool,
+        bank_group: list[int] | None = None,
+    ) -> None:
         """Anomalous patches of ``images`` go to ``bank`` and to the training queries, together with as
         many (at least 32) untouched patches of the same images as normal queries."""
         emb = self.det.embed(images)
@@ -238,12 +292,14 @@ class BankBuilder:
                 continue
             tag = groups[b][0] if bank_group is None else bank_group[b]
             bank.add(features=features[bad], groups=torch.full((int(bad.sum()),), tag))
-            self.add_queries(queries, features[bad], torch.ones(int(bad.sum()), dtype=torch.bool), groups[b],
-                             categories[b], labelled)
+            self.add_queries(
+                queries, features[bad], torch.ones(int(bad.sum()), dtype=torch.bool), groups[b], categories[b], labelled
+            )
             clean = torch.nonzero(fractions[b] == 0)[:, 0]
             clean = clean[torch.from_numpy(rng.permutation(len(clean))[: max(32, int(bad.sum()))])]
-            self.add_queries(queries, features[clean], torch.zeros(len(clean), dtype=torch.bool), groups[b],
-                             categories[b], labelled)
+            self.add_queries(
+                queries, features[clean], torch.zeros(len(clean), dtype=torch.bool), groups[b], categories[b], labelled
+            )
 
     def add_labelled(self, bank: PatchTable, queries: PatchTable, rng: np.random.Generator) -> list[str]:
         """Features of the labelled defects (anomaly-centred views and Crop&Paste); returns the unusable ones."""
@@ -257,8 +313,11 @@ class BankBuilder:
             image, mask = item["image"], item["mask"]
             if not mask.any():
                 unused.append(item["path"])
-                warnings.warn(f"{item['path']}: defect mask is empty at image size {det.image_size}; "
-                              "this labelled defect is not used", stacklevel=2)
+                warnings.warn(
+                    f"{item['path']}: defect mask is empty at image size {det.image_size}; "
+                    "this labelled defect is not used",
+                    stacklevel=2,
+                )
                 continue
             group = len(samples) + j
             category = det.labelled_defects[j].category
@@ -266,30 +325,59 @@ class BankBuilder:
             images, masks = torch.stack([v[0] for v in views]), torch.stack([v[1] for v in views])
             for start in range(0, len(views), det.batch_size):
                 stop = min(start + det.batch_size, len(views))
-                self.add_anomalous_images(images[start:stop], masks[start:stop], [(group, NO_GROUP)] * (stop - start),
-                                          [category] * (stop - start), bank, queries, rng, labelled=True)
+                self.add_anomalous_images(
+                    images[start:stop],
+                    masks[start:stop],
+                    [(group, NO_GROUP)] * (stop - start),
+                    [category] * (stop - start),
+                    bank,
+                    queries,
+                    rng,
+                    labelled=True,
+                )
             if det.croppaste_images:
                 same = [i for i, s in enumerate(samples) if s.category == category] or list(range(len(samples)))
                 hosts = [same[int(i)] for i in rng.integers(len(same), size=det.croppaste_images)]
                 paste = CropPaste([(image, mask.float())])
                 good = ImageDataset([samples[i] for i in hosts], det.image_size)
-                pasted = [paste(good[n]["image"], np.random.default_rng([det.seed, group, n]))
-                          for n in range(len(hosts))]
-                self.add_anomalous_images(torch.stack([p[0] for p in pasted]), torch.stack([p[1] for p in pasted]),
-                                          [(i, group) for i in hosts], [category] * len(hosts), bank, queries, rng,
-                                          labelled=True, bank_group=[group] * len(hosts))
+                pasted = [
+                    paste(good[n]["image"], np.random.default_rng([det.seed, group, n])) for n in range(len(hosts))
+                ]
+                self.add_anomalous_images(
+                    torch.stack([p[0] for p in pasted]),
+                    torch.stack([p[1] for p in pasted]),
+                    [(i, group) for i in hosts],
+                    [category] * len(hosts),
+                    bank,
+                    queries,
+                    rng,
+                    labelled=True,
+                    bank_group=[group] * len(hosts),
+                )
         return unused
 
     @staticmethod
-    def add_queries(queries: PatchTable, features: torch.Tensor, labels: torch.Tensor,
-                    groups: tuple[int, int], category: str, labelled: bool) -> None:
+    def add_queries(
+        queries: PatchTable,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        groups: tuple[int, int],
+        category: str,
+        labelled: bool,
+    ) -> None:
         n = len(features)
-        queries.add(features=features, labels=labels, groups=torch.tensor(groups).expand(n, 2),
-                    labelled=torch.full((n,), labelled), category=[category] * n)
+        queries.add(
+            features=features,
+            labels=labels,
+            groups=torch.tensor(groups).expand(n, 2),
+            labelled=torch.full((n,), labelled),
+            category=[category] * n,
+        )
 
 
-def centred_view(image: torch.Tensor, mask: torch.Tensor,
-                 rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def centred_view(
+    image: torch.Tensor, mask: torch.Tensor, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A square crop (60-100 % of the side) centred on a random defect pixel, resized back, flipped
     and turned by a multiple of 90 degrees."""
     size = image.shape[-1]
@@ -298,8 +386,8 @@ def centred_view(image: torch.Tensor, mask: torch.Tensor,
     side = max(8, round(size * rng.uniform(0.6, 1.0)))
     top = int(np.clip(int(ys[pick]) - side // 2, 0, size - side))
     left = int(np.clip(int(xs[pick]) - side // 2, 0, size - side))
-    crop = image[:, top:top + side, left:left + side]
-    crop_mask = mask[top:top + side, left:left + side].float()
+    crop = image[:, top : top + side, left : left + side]
+    crop_mask = mask[top : top + side, left : left + side].float()
     crop = F.interpolate(crop[None], size=(size, size), mode="bilinear", align_corners=False)[0].clamp(0, 1)
     crop_mask = F.interpolate(crop_mask[None, None], size=(size, size), mode="nearest-exact")[0, 0]
     turns, flip = int(rng.integers(4)), bool(rng.random() < 0.5)

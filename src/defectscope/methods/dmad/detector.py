@@ -81,12 +81,24 @@ class DMAD(TrainedDetector, BackboneDetector):
         super().__init__(**base_params(DMAD, locals()))
         if not 0.0 < coreset_ratio <= 1.0:
             raise DefectscopeError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
-        check_at_least(1, num_neighbors=num_neighbors, max_patches=max_patches, synthetic_images=synthetic_images,
-                       anomaly_bank_size=anomaly_bank_size, max_train_patches=max_train_patches,
-                       patch_batch=patch_batch, projection_dim=projection_dim)
+        check_at_least(
+            1,
+            num_neighbors=num_neighbors,
+            max_patches=max_patches,
+            synthetic_images=synthetic_images,
+            anomaly_bank_size=anomaly_bank_size,
+            max_train_patches=max_train_patches,
+            patch_batch=patch_batch,
+            projection_dim=projection_dim,
+        )
         check_at_least(1, **{f"hidden[{i}]": size for i, size in enumerate(hidden)})
-        check_at_least(0, defect_views=defect_views, croppaste_images=croppaste_images, fused_share=fused_share,
-                       correction_bound=correction_bound)
+        check_at_least(
+            0,
+            defect_views=defect_views,
+            croppaste_images=croppaste_images,
+            fused_share=fused_share,
+            correction_bound=correction_bound,
+        )
         check_between(0.0, 1.0, labelled_share=labelled_share, visible_quantile=visible_quantile)
         self.neighbourhood = neighbourhood
         self.coreset_ratio = coreset_ratio
@@ -122,7 +134,6 @@ class DMAD(TrainedDetector, BackboneDetector):
     def _scorer_for(self, in_dim: int) -> Scorer:
         return Scorer.for_representation(in_dim, self.num_neighbors, self.hidden, self.correction_bound)
 
-
     # -- fitting ---------------------------------------------------------------------------------
     def _fit(self, dataset: ImageDataset) -> None:
         rng = np.random.default_rng([self.seed, 17])
@@ -132,9 +143,14 @@ class DMAD(TrainedDetector, BackboneDetector):
         self._normal = NearestNeighbors(banks.normal, exact=True)
         self._anomaly = NearestNeighbors(banks.anomaly, exact=True)
         self._train_scorer(training)
-        self._details = {"normal_bank_size": len(banks.normal), "anomaly_bank_size": len(banks.anomaly),
-                         "anomaly_bank_labelled": banks.n_labelled, "training_patches": training.counts,
-                         "distance_scale": round(self._scale, 6), "labelled_defects_unused": banks.unused_defects}
+        self._details = {
+            "normal_bank_size": len(banks.normal),
+            "anomaly_bank_size": len(banks.anomaly),
+            "anomaly_bank_labelled": banks.n_labelled,
+            "training_patches": training.counts,
+            "distance_scale": round(self._scale, 6),
+            "labelled_defects_unused": banks.unused_defects,
+        }
 
     def _training_set(self, banks: Banks, rng: np.random.Generator) -> TrainingSet:
         """Leave-one-out representations of the training patches, capped per category and label
@@ -164,18 +180,29 @@ class DMAD(TrainedDetector, BackboneDetector):
         use = ~pseudo | (normal.distances[:, 0] > torch.tensor([banks.bars[c] for c in category]))
         features, groups, labels, labelled = features[use], groups[use], labels[use], labelled[use]
         normal = Neighbours(normal.distances[use], normal.indices[use])
-        n_fused = int(use[len(use) - n_fused_drawn:].sum())
+        n_fused = int(use[len(use) - n_fused_drawn :].sum())
         anomaly = nearest_excluding_groups(features, banks.anomaly, k, groups, banks.anomaly_groups)
         x = knowledge(features, banks.normal, normal, banks.anomaly, anomaly, self._scale)
         self._input_mean = x.mean(0)
         self._input_std = x.std(0).clamp_min(1e-6)
         real = slice(0, len(labels) - n_fused)
-        counts = {"normal": int((~labels).sum()), "anomalous": int(labels.sum()) - n_fused, "fused": n_fused,
-                  "labelled_anomalous": int((labels[real] & labelled[real]).sum())}
+        counts = {
+            "normal": int((~labels).sum()),
+            "anomalous": int(labels.sum()) - n_fused,
+            "fused": n_fused,
+            "labelled_anomalous": int((labels[real] & labelled[real]).sum()),
+        }
         return TrainingSet((x - self._input_mean) / self._input_std, labels.float(), labelled, counts)
 
-    def _fused_anomalies(self, features: torch.Tensor, groups: torch.Tensor, labels: torch.Tensor,
-                         labelled: torch.Tensor, category: np.ndarray, rng: np.random.Generator) -> FusedAnomalies:
+    def _fused_anomalies(
+        self,
+        features: torch.Tensor,
+        groups: torch.Tensor,
+        labels: torch.Tensor,
+        labelled: torch.Tensor,
+        category: np.ndarray,
+        rng: np.random.Generator,
+    ) -> FusedAnomalies:
         """Pseudo-anomalous features by feature fusion: a normal patch feature moved a random part
         (lambda in [0.2, 1]) of the way to an anomalous one of the same category, ``fused_share``
         times as many as there are anomalous patches. They fill the space between normal and
@@ -191,13 +218,27 @@ class DMAD(TrainedDetector, BackboneDetector):
             a, b = torch.from_numpy(rng.choice(normal, n)), torch.from_numpy(rng.choice(anomalous, n))
             lam = torch.from_numpy(rng.uniform(0.2, 1.0, n)).float()[:, None]
             source = torch.where(groups[b, 1] != NO_GROUP, groups[b, 1], groups[b, 0])
-            parts.append(FusedAnomalies((1 - lam) * features[a] + lam * features[b],
-                                        torch.stack([groups[a, 0], source], 1), labelled[b], np.full(n, c)))
+            parts.append(
+                FusedAnomalies(
+                    (1 - lam) * features[a] + lam * features[b],
+                    torch.stack([groups[a, 0], source], 1),
+                    labelled[b],
+                    np.full(n, c),
+                )
+            )
         if not parts:
-            return FusedAnomalies(torch.empty(0, features.shape[1]), torch.empty(0, 2, dtype=torch.long),
-                                  torch.empty(0, dtype=torch.bool), np.empty(0, dtype=category.dtype))
-        return FusedAnomalies(torch.cat([p.features for p in parts]), torch.cat([p.groups for p in parts]),
-                              torch.cat([p.labelled for p in parts]), np.concatenate([p.category for p in parts]))
+            return FusedAnomalies(
+                torch.empty(0, features.shape[1]),
+                torch.empty(0, 2, dtype=torch.long),
+                torch.empty(0, dtype=torch.bool),
+                np.empty(0, dtype=category.dtype),
+            )
+        return FusedAnomalies(
+            torch.cat([p.features for p in parts]),
+            torch.cat([p.groups for p in parts]),
+            torch.cat([p.labelled for p in parts]),
+            np.concatenate([p.category for p in parts]),
+        )
 
     def _train_scorer(self, training: TrainingSet) -> None:
         x, y, from_labelled = training.x, training.y, training.from_labelled
@@ -221,8 +262,10 @@ class DMAD(TrainedDetector, BackboneDetector):
             order = gen.permutation(normal)
             n_steps = max(1, len(order) // half)
             drawn = gen.choice(anomalous, size=n_steps * half, p=weights)
-            return [torch.from_numpy(np.concatenate([order[s * half:(s + 1) * half], drawn[s * half:(s + 1) * half]]))
-                    for s in range(n_steps)]
+            return [
+                torch.from_numpy(np.concatenate([order[s * half : (s + 1) * half], drawn[s * half : (s + 1) * half]]))
+                for s in range(n_steps)
+            ]
 
         def step(index: torch.Tensor) -> torch.Tensor:
             index = index.to(self.device)
@@ -241,8 +284,9 @@ class DMAD(TrainedDetector, BackboneDetector):
         queries = emb.permute(0, 2, 3, 1).reshape(-1, d)
         normal, anomaly = fitted(self, self._normal), fitted(self, self._anomaly)
         k = self.num_neighbors
-        x = knowledge(queries, normal.bank, normal.search(queries, k), anomaly.bank, anomaly.search(queries, k),
-                      self._scale)
+        x = knowledge(
+            queries, normal.bank, normal.search(queries, k), anomaly.bank, anomaly.search(queries, k), self._scale
+        )
         x = ((x - self._input_mean) / self._input_std).to(self.device)
         return fitted(self, self._scorer)(x).float().cpu().reshape(b, h, w)
 
@@ -263,15 +307,22 @@ class DMAD(TrainedDetector, BackboneDetector):
         return fitted(self, self._anomaly).bank
 
     def _state(self) -> dict[str, torch.Tensor]:
-        return {"normal_bank": self.normal_bank, "anomaly_bank": self.anomaly_bank,
-                "anomaly_bank_labelled": torch.tensor([self._n_labelled_bank]),
-                "distance_scale": torch.tensor([self._scale]), "input_mean": self._input_mean,
-                "input_std": self._input_std, **with_prefix("scorer", fitted(self, self._scorer))}
+        return {
+            "normal_bank": self.normal_bank,
+            "anomaly_bank": self.anomaly_bank,
+            "anomaly_bank_labelled": torch.tensor([self._n_labelled_bank]),
+            "distance_scale": torch.tensor([self._scale]),
+            "input_mean": self._input_mean,
+            "input_std": self._input_std,
+            **with_prefix("scorer", fitted(self, self._scorer)),
+        }
 
     def _load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         normal, anomaly = tensors["normal_bank"], tensors["anomaly_bank"]
         if normal.ndim != 2 or anomaly.ndim != 2 or normal.shape[1] != anomaly.shape[1]:
-            raise ValueError(f"banks must be 2-D with equal widths, got {tuple(normal.shape)} and {tuple(anomaly.shape)}")
+            raise ValueError(
+                f"banks must be 2-D with equal widths, got {tuple(normal.shape)} and {tuple(anomaly.shape)}"
+            )
         in_dim = 3 * normal.shape[1] + 2 * self.num_neighbors
         if tensors["input_mean"].shape != (in_dim,) or tensors["input_std"].shape != (in_dim,):
             raise ValueError(f"input statistics must have {in_dim} entries")

@@ -7,8 +7,14 @@ import torch
 from ...nn.knn import Neighbours
 
 
-def knowledge(queries: torch.Tensor, normal_bank: torch.Tensor, normal: Neighbours,
-              anomaly_bank: torch.Tensor, anomaly: Neighbours, scale: float) -> torch.Tensor:
+def knowledge(
+    queries: torch.Tensor,
+    normal_bank: torch.Tensor,
+    normal: Neighbours,
+    anomaly_bank: torch.Tensor,
+    anomaly: Neighbours,
+    scale: float,
+) -> torch.Tensor:
     """Enhanced representation (Q, 3 D + 2 k) of queries (Q, D) from their neighbours in both banks.
 
     ``normal`` and ``anomaly`` are the k nearest entries of the queries in each bank. Per bank:
