@@ -39,7 +39,7 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return x[:, 0]
 
 
-def anomaly_maps(patch_scores: torch.Tensor, size: tuple[int, int], sigma: float) -> torch.Tensor:
+def anomaly_maps(patch_scores: torch.Tensor, size: tuple[int, ...], sigma: float) -> torch.Tensor:
     """Upsample (B, h, w) patch scores bilinearly to ``size`` and smooth them: (B, H, W)."""
     maps = F.interpolate(patch_scores[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
     return gaussian_blur(maps, sigma)

@@ -235,7 +235,9 @@ class CachedImages:
         self.items: list[dict[str, Any]] = []
         for batch in iterate_batches(dataset, batch_size=16, desc=desc):
             for i in range(len(batch["path"])):
-                item = {k: (v[i] if isinstance(v, (list, torch.Tensor)) else v) for k, v in batch.items()}
+                item: dict[str, Any] = {
+                    k: (v[i] if isinstance(v, (list, torch.Tensor)) else v) for k, v in batch.items()
+                }
                 item["image"] = (item["image"] * 255).round().to(torch.uint8)
                 self.items.append(item)
 

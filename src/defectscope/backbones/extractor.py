@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -40,9 +41,14 @@ BACKBONES: tuple[str, ...] = tuple(_REGISTRY)
 LAYERS: tuple[str, ...] = ("s2", "s4", "s8", "s16", "s32")
 DEFAULT_LAYERS: tuple[str, ...] = ("s8", "s16")
 
+_M = TypeVar("_M", bound=nn.Module)
+
 
 class Normalize(nn.Module):
     """Map RGB in [0, 1] to the statistics the network was trained on."""
+
+    mean: torch.Tensor  # buffers, (1, 3, 1, 1)
+    std: torch.Tensor
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
@@ -108,7 +114,7 @@ def _build(name: str, weights: str | os.PathLike[str] | None, pretrained: bool) 
     return model
 
 
-def _freeze(model: nn.Module) -> nn.Module:
+def _freeze(model: _M) -> _M:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -139,7 +145,8 @@ def create_backbone(
     extractor = _freeze(FeatureExtractor(name, model.stages(), layers, Normalize(spec.mean, spec.std)))
     if fold_bn:
         fold_batch_norms(extractor, torch.rand(1, 3, 64, 64))
-        extractor.to(memory_format=torch.channels_last)
+        # Module.to takes memory_format, which torch's overloads of it do not declare.
+        extractor.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return extractor
 
 

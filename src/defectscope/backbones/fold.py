@@ -40,7 +40,7 @@ def fold_batch_norms(model: nn.Module, example: torch.Tensor) -> int:
     finally:
         for hook in hooks:
             hook.remove()
-    uses = {}
+    uses: dict[int, int] = {}
     for conv, _ in pairs:
         uses[id(conv)] = uses.get(id(conv), 0) + 1
     folded = 0
@@ -48,10 +48,13 @@ def fold_batch_norms(model: nn.Module, example: torch.Tensor) -> int:
     for conv, bn in pairs:
         if uses[id(conv)] != 1 or id(bn) not in parents:
             continue  # a conv shared by several BNs cannot absorb one of them
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        running_mean, running_var = bn.running_mean, bn.running_var
+        if running_mean is None or running_var is None:
+            continue  # without running statistics a BN normalises by batch statistics, not affinely
+        scale = bn.weight / torch.sqrt(running_var + bn.eps)
         conv.weight.mul_(scale.view(-1, 1, 1, 1))
-        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-        conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias, requires_grad=False)
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(running_mean)
+        conv.bias = nn.Parameter((bias - running_mean) * scale + bn.bias, requires_grad=False)
         parent, name = parents[id(bn)]
         setattr(parent, name, nn.Identity())
         folded += 1

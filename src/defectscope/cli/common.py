@@ -3,41 +3,29 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
+
+from ..records import EXIT_IMAGES_ERRORED
+
+
+def _whole_number(text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+    return value
 
 
 def positive_int(text: str) -> int:
     """An argparse type: a whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    return _whole_number(text, 1)
 
 
 def non_negative_int(text: str) -> int:
     """An argparse type: a whole number >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """An argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
-    return value
+    return _whole_number(text, 0)
 
 
 def add_device(parser: argparse.ArgumentParser) -> None:
@@ -68,9 +56,12 @@ def metrics_table(metrics: dict[str, float]) -> str:
     return "\n".join(rows)
 
 
-def errored_note(n_errors: int, n_images: int) -> None:
-    """Say that some images could not be judged (the command then exits with EXIT_IMAGES_ERRORED)."""
+def exit_status(n_errors: int, n_images: int) -> int:
+    """0, or EXIT_IMAGES_ERRORED after saying that some images could not be judged."""
+    if not n_errors:
+        return 0
     info(
         f"defectscope: {n_errors} of {n_images} image(s) got the verdict error (non-finite score); "
-        "see their 'reason'. Exit status 3."
+        f"see their 'reason'. Exit status {EXIT_IMAGES_ERRORED}."
     )
+    return EXIT_IMAGES_ERRORED

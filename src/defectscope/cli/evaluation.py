@@ -6,9 +6,8 @@ import argparse
 import math
 from typing import Any
 
-from ..records import EXIT_IMAGES_ERRORED
 from ..runs import EvalResult, evaluate_run
-from .common import add_device, add_overwrite, errored_note, info, metrics_table, positive_int
+from .common import add_device, add_overwrite, exit_status, info, metrics_table, positive_int
 
 
 def print_result(result: EvalResult) -> None:
@@ -54,10 +53,7 @@ def run(args: argparse.Namespace) -> int:
         log=info,
     )
     print_result(result)
-    if result.n_errors:
-        errored_note(result.n_errors, len(result.records))
-        return EXIT_IMAGES_ERRORED
-    return 0
+    return exit_status(result.n_errors, len(result.records))
 
 
 def add_parser(sub: Any) -> None:
@@ -91,7 +87,7 @@ def add_parser(sub: Any) -> None:
         help="allow defect images without masks; pixel metrics are then skipped",
     )
     test.add_argument("--out", metavar="DIR", help="where to write results (default: RUN/test)")
-    test.add_argument("--batch-size", type=positive_int, help="images per batch (default: the run's)")
+    test.add_argument("--batch-size", type=positive_int, metavar="N", help="images per batch (default: the run's)")
     test.add_argument(
         "--no-overlays", action="store_true", help="do not write heat-map overlay images (the report then shows none)"
     )

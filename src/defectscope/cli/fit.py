@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 from typing import Any
 
 from ..errors import DefectscopeError
@@ -25,10 +26,16 @@ ALIASES = {
 
 
 def _params_epilog() -> str:
-    lines = ["method parameters (set any with --set KEY=VALUE; the flags above are shorthands for these):"]
+    lines = ["method parameters, as NAME=DEFAULT (TYPE); set any with --set NAME=VALUE:"]
     for name, cls in METHODS.items():
-        shown = ", ".join(f"{spec.name}: {spec.type_name} = {spec.default!r}" for spec in cls.param_specs())
-        lines.append(f"  {name}: {shown}")
+        line = f"  {name}:"
+        for spec in cls.param_specs():
+            entry = f" {spec.name}={spec.format(spec.default)} ({spec.type_name})"
+            if len(line) + len(entry) > 100:
+                lines.append(line)
+                line = "     "
+            line += entry
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -79,9 +86,11 @@ def add_parser(sub: Any) -> None:
     fit = sub.add_parser(
         "fit",
         help="fit a detector on good images and save it to a run folder",
-        description="Fit a detector on the good images of DATA and save it (config.json + "
-        "model.safetensors) to --out. A held-out slice of the good images "
-        "calibrates the decision threshold.",
+        description=textwrap.fill(
+            "Fit a detector on the good images of DATA and save it (config.json + model.safetensors) to --out. "
+            "A held-out slice of the good images calibrates the decision threshold.",
+            width=100,
+        ),
         epilog=_params_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

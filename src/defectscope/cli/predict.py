@@ -9,9 +9,9 @@ from typing import Any
 
 from ..errors import OutputError
 from ..outputs import atomic_write, prepare_output_file
-from ..records import EXIT_IMAGES_ERRORED, format_records, looks_like_records
+from ..records import format_records, looks_like_records
 from ..runs import predict_run
-from .common import add_device, add_overwrite, errored_note, info, positive_int
+from .common import add_device, add_overwrite, exit_status, info, positive_int
 
 
 def _check_out(path: str, overwrite: bool) -> Path:
@@ -45,10 +45,7 @@ def run(args: argparse.Namespace) -> int:
         info(f"wrote {len(result.records)} predictions to {out}")
     else:
         sys.stdout.write(text)
-    if result.n_errors:
-        errored_note(result.n_errors, len(result.records))
-        return EXIT_IMAGES_ERRORED
-    return 0
+    return exit_status(result.n_errors, len(result.records))
 
 
 def add_parser(sub: Any) -> None:
@@ -74,7 +71,7 @@ def add_parser(sub: Any) -> None:
         "(replaces an earlier predictions file; any other file only with --overwrite)",
     )
     predict.add_argument("--heatmaps", metavar="DIR", help="also write a heat-map overlay per image to DIR")
-    predict.add_argument("--batch-size", type=positive_int, help="images per batch (default: the run's)")
+    predict.add_argument("--batch-size", type=positive_int, metavar="N", help="images per batch (default: the run's)")
     add_overwrite(predict, "the results file or heat maps")
     add_device(predict)
     predict.set_defaults(func=run)

@@ -262,7 +262,7 @@ def load_mask(
 
 def size_hw(size: Size) -> tuple[int, int]:
     """Normalise an int (square) or (H, W) size and check it is positive."""
-    height, width = (size, size) if isinstance(size, Integral) else size
+    height, width = (size, size) if isinstance(size, (int, Integral)) else size
     if height <= 0 or width <= 0:
         raise ValueError(f"size must be positive, got {size!r}")
     return int(height), int(width)

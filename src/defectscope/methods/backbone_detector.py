@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -20,6 +20,8 @@ class BackboneDetector(Detector):
     The weights are not copied into the run folder (they are large and public); their sha256 is
     recorded instead, and loading refuses a model whose backbone weights have changed.
     """
+
+    extra_config_keys: ClassVar[dict[str, type]] = {"backbone_weights_sha256": str}
 
     def __init__(
         self, *, backbone: str, layers: tuple[str, ...] | list[str], weights: str | None, **common: Any

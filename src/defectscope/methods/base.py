@@ -42,10 +42,11 @@ class Prediction:
 
     @property
     def verdicts(self) -> torch.Tensor:
-        """(B,) True where the image is judged anomalous (needs a calibrated threshold)."""
+        """(B,) True where the image is not judged good: above the threshold, or a score that is not a
+        finite number (never trusted as good; :func:`defectscope.records.judge` names it ``error``)."""
         if self.threshold is None:
             raise DefectscopeError("this model has no calibrated threshold: fit it with held-out good images")
-        return self.scores > self.threshold
+        return ~(self.scores <= self.threshold)
 
 
 class _CheckedParams(ABCMeta):
@@ -63,6 +64,10 @@ class Detector(ABC, metaclass=_CheckedParams):
     name: ClassVar[str]
     #: True for methods that also learn from a few labelled defect images (``fit(..., defects=...)``).
     uses_labelled_defects: ClassVar[bool] = False
+    #: True for methods whose scores are never negative (distances, errors): a saved threshold must then be > 0.
+    nonnegative_scores: ClassVar[bool] = False
+    #: Top-level config.json keys that this class's ``_extra_config`` adds, with their JSON types.
+    extra_config_keys: ClassVar[dict[str, type]] = {}
     #: One-line help of a method's own parameters (shared ones are in :data:`.params.HELP`).
     param_help: ClassVar[dict[str, str]] = {}
 

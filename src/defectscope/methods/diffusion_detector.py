@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import numpy as np
 import torch
@@ -45,6 +45,8 @@ CALIBRATION_IMAGES = 64  # good training images used to measure the map ratio (a
 
 class DiffusionDetector(TrainedDetector, BackboneDetector):
     """Base of the diffusion reconstruction methods; see the module docstring."""
+
+    extra_config_keys: ClassVar[dict[str, type]] = {**BackboneDetector.extra_config_keys, "unet_config": dict}
 
     def __init__(
         self,

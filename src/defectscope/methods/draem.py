@@ -60,6 +60,7 @@ class DRAEM(TrainedDetector):
     """Reconstruct-then-segment detector trained on synthetic anomalies."""
 
     name = "draem"
+    nonnegative_scores = True
 
     def __init__(
         self,

@@ -66,9 +66,6 @@ REQUIRED_KEYS = (
     "tensors_sha256",
 )
 OPTIONAL_KEYS = ("run",)
-#: Methods whose anomaly scores are never negative (distances, probabilities): a threshold of 0
-#: or below would judge every image anomalous, so their calibrations must lie above 0.
-NONNEGATIVE_SCORES = frozenset({"patchcore", "padim", "spade", "reverse_distillation", "draem"})
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,59}")
@@ -232,7 +229,7 @@ def validate_config(config: Any, where: str) -> None:
     calibration = config["calibration"]
     if calibration is not None:
         try:
-            parsed = Calibration.from_dict(calibration, nonnegative_scores=method in NONNEGATIVE_SCORES)
+            parsed = Calibration.from_dict(calibration, nonnegative_scores=METHODS[method].nonnegative_scores)
         except (TypeError, ValueError) as exc:
             fail(str(exc))
         if parsed.rule == MEAN_SIGMA and parsed.sigmas != params.get("threshold_sigmas", parsed.sigmas):
@@ -242,15 +239,8 @@ def validate_config(config: Any, where: str) -> None:
 
 
 def _extra_keys(cls: type[Detector]) -> dict[str, type]:
-    """The keys (and their JSON types) that the ``_extra_config`` of ``cls`` and its bases add."""
-    from .backbone_detector import BackboneDetector
-    from .diffusion_detector import DiffusionDetector
-
-    writers: dict[str, tuple[type, type]] = {
-        "backbone_weights_sha256": (BackboneDetector, str),
-        "unet_config": (DiffusionDetector, dict),
-    }
-    return {key: kind for key, (writer, kind) in writers.items() if issubclass(cls, writer)}
+    """The keys (and their JSON types) that the ``_extra_config`` of ``cls`` adds."""
+    return dict(cls.extra_config_keys)
 
 
 def _check_params(cls: type[Detector], params: dict[str, Any], fail: Callable[[str], NoReturn]) -> None:
@@ -383,7 +373,7 @@ def load(folder: str | os.PathLike) -> Detector:
     detector.fit_info = config["fit_info"] or {"loaded": True}
     calibration = config["calibration"]
     detector.calibration = (
-        Calibration.from_dict(calibration, nonnegative_scores=method in NONNEGATIVE_SCORES)
+        Calibration.from_dict(calibration, nonnegative_scores=METHODS[method].nonnegative_scores)
         if calibration is not None
         else None
     )

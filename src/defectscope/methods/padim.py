@@ -27,6 +27,7 @@ class PaDiM(BackboneDetector):
     """Per-position Gaussian detector with Mahalanobis scoring."""
 
     name = "padim"
+    nonnegative_scores = True
 
     def __init__(
         self,

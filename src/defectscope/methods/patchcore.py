@@ -30,6 +30,7 @@ class PatchCore(BackboneDetector):
     """Memory-bank detector with coreset subsampling and nearest-neighbour scoring."""
 
     name = "patchcore"
+    nonnegative_scores = True
 
     def __init__(
         self,

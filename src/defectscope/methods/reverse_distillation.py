@@ -129,6 +129,7 @@ class ReverseDistillation(DistillationDetector):
     """Frozen encoder, trained one-class bottleneck and reverse decoder; anomalies = cosine discrepancy."""
 
     name = "reverse_distillation"
+    nonnegative_scores = True
     min_layers = 2
 
     def __init__(

@@ -25,6 +25,7 @@ class SPADE(BackboneDetector):
     """Image-level kNN retrieval followed by pixel-level kNN against the retrieved images."""
 
     name = "spade"
+    nonnegative_scores = True
 
     def __init__(
         self,

@@ -16,10 +16,10 @@ from __future__ import annotations
 import copy
 import importlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +85,8 @@ def build_unet(preset: str, image_size: int, channels: int = 3) -> nn.Module:
 
 def unet_config(unet: nn.Module) -> dict[str, Any]:
     """The JSON-able constructor config of a diffusers model (to rebuild it with :func:`unet_from_config`)."""
-    return json.loads(json.dumps(dict(unet.config), default=list))
+    config = cast("Mapping[str, Any]", unet.config)  # a diffusers FrozenDict
+    return json.loads(json.dumps(dict(config), default=list))
 
 
 def unet_from_config(config: dict[str, Any]) -> nn.Module:
@@ -135,6 +136,8 @@ class EMA(nn.Module):
     run is not dominated by its random initialisation.
     """
 
+    updates: torch.Tensor  # buffer: the number of updates so far
+
     def __init__(self, model: nn.Module, decay: float) -> None:
         super().__init__()
         if not 0.0 <= decay < 1.0:
@@ -149,8 +152,8 @@ class EMA(nn.Module):
         decay = min(self.decay, (1 + n) / (10 + n))
         for ema, live in zip(self.model.parameters(), model.parameters()):
             ema.lerp_(live.detach(), 1.0 - decay)
-        for ema, live in zip(self.model.buffers(), model.buffers()):
-            ema.copy_(live)
+        for ema_buffer, live_buffer in zip(self.model.buffers(), model.buffers()):
+            ema_buffer.copy_(live_buffer)
         self.updates += 1
 
     def train(self, mode: bool = True) -> EMA:
@@ -345,7 +348,7 @@ def pixel_distance(images: torch.Tensor, reconstructions: torch.Tensor) -> torch
 
 
 def feature_distance(
-    features: Sequence[torch.Tensor], reconstructed: Sequence[torch.Tensor], size: tuple[int, int], pool: int = 3
+    features: Sequence[torch.Tensor], reconstructed: Sequence[torch.Tensor], size: tuple[int, ...], pool: int = 3
 ) -> torch.Tensor:
     """(B, H, W) sum over layers of ``1 - cos`` between locally pooled features, upsampled to ``size`` (DDAD's Df)."""
     total = None

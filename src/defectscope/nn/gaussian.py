@@ -29,6 +29,7 @@ class StreamingGaussian:
             self._outer = torch.zeros(p, d, d, dtype=torch.float64)
         elif x.shape[1:] != self._shift.shape:
             raise ValueError(f"samples of shape {tuple(x.shape[1:])} after {tuple(self._shift.shape)}")
+        assert self._sum is not None and self._outer is not None  # set with _shift
         x = (x - self._shift).transpose(0, 1)  # (P, N, d)
         self._sum += x.sum(1)
         self._outer.baddbmm_(x.transpose(1, 2), x)
@@ -38,12 +39,14 @@ class StreamingGaussian:
         """(P, d) sample mean."""
         if self._shift is None:
             raise ValueError("no samples were added")
+        assert self._sum is not None  # set with _shift
         return self._shift + self._sum / self.count
 
     def covariance(self, positions: slice = slice(None)) -> torch.Tensor:
         """(P, d, d) unbiased sample covariance (divides by n - 1), float64; or of ``positions`` only."""
         if self.count < 2:
             raise ValueError(f"a covariance needs at least 2 samples, got {self.count}")
+        assert self._sum is not None and self._outer is not None  # set by the first update
         s = self._sum[positions]
         return (self._outer[positions] - s[:, :, None] * s[:, None, :] / self.count) / (self.count - 1)
 
@@ -54,6 +57,7 @@ class StreamingGaussian:
         """
         if self.count < 2:
             raise ValueError(f"a covariance needs at least 2 samples, got {self.count}")
+        assert self._sum is not None  # set by the first update
         p, d = self._sum.shape
         out = torch.empty(p, d, d)
         for start in range(0, p, chunk):

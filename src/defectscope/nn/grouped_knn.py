@@ -43,6 +43,7 @@ def nearest_excluding_groups(
         q = queries[start : start + chunk].float()
         d2 = torch.addmm(bank_sq[None, :], q, bank.T, alpha=-2.0).add_((q * q).sum(1, keepdim=True)).clamp_min_(0.0)
         if query_groups is not None:
+            assert bank_groups is not None  # both or neither, checked above
             for column in query_groups[start : start + chunk].T:
                 d2.masked_fill_(bank_groups[None, :] == column[:, None], float("inf"))
         values, index = torch.topk(d2, k, dim=1, largest=False)

@@ -32,15 +32,17 @@ class NearestNeighbors:
         n, dim = self.bank.shape
         data = self.bank.numpy()
         faiss.omp_set_num_threads(torch.get_num_threads())
+        self._index: faiss.Index
         if exact or n < IVF_MIN_BANK:
             self._index = faiss.IndexFlatL2(dim)
         else:
             n_cells = int(min(4096, 2 ** round(math.log2(2 * math.sqrt(n)))))
             self._quantizer = faiss.IndexFlatL2(dim)
-            self._index = faiss.IndexIVFFlat(self._quantizer, dim, n_cells)
-            self._index.cp.seed = 0
-            self._index.train(data)
-            self._index.nprobe = nprobe
+            ivf = faiss.IndexIVFFlat(self._quantizer, dim, n_cells)
+            ivf.cp.seed = 0
+            ivf.train(data)
+            ivf.nprobe = nprobe
+            self._index = ivf
         self._index.add(data)
 
     def __len__(self) -> int:

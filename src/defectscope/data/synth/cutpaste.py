@@ -86,4 +86,5 @@ class CutPaste:
                 best = (changed, result, mask)
             if changed >= 0.5:
                 break
+        assert best is not None  # _MAX_TRIES >= 1
         return best[1], best[2]

@@ -284,7 +284,8 @@ class BankBuilder:
         """Anomalous patches of ``images`` go to ``bank`` and to the training queries, together with as
         many (at least 32) untouched patches of the same images as normal queries."""
         emb = self.det.embed(images)
-        fractions = patch_fractions(masks, emb.shape[-2:]).flatten(1)
+        height, width = emb.shape[-2:]
+        fractions = patch_fractions(masks, (height, width)).flatten(1)
         flat = emb.permute(0, 2, 3, 1).reshape(emb.shape[0], -1, emb.shape[1])
         for b, features in enumerate(flat):
             bad = anomalous_cells(fractions[b])
