@@ -5,17 +5,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from .data import ImageDataset, Sample, iterate_batches
+from .data.dataset import Batch
 from .methods.base import Detector, Prediction
 from .metrics import assess
 from .records import Record
 
 #: Sees each batch with its prediction; may return the overlay path written for each image.
-BatchCallback = Callable[[dict[str, Any], Prediction], "list[str | None] | None"]
+BatchCallback = Callable[[Batch, Prediction], "list[str | None] | None"]
 
 
 @dataclass

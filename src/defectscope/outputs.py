@@ -72,9 +72,14 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str | Callable[[IO[
     return path
 
 
-def atomic_write_json(path: str | os.PathLike[str], value: Any) -> Path:
+def json_text(value: Any) -> str:
     """``value`` as indented, strictly valid JSON (no bare NaN / Infinity: those become null)."""
-    return atomic_write(path, json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n")
+    return json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n"
+
+
+def atomic_write_json(path: str | os.PathLike[str], value: Any) -> Path:
+    """``value`` written atomically as :func:`json_text`."""
+    return atomic_write(path, json_text(value))
 
 
 def atomic_save_image(path: str | os.PathLike[str], image: Any, **save_kwargs: Any) -> Path:

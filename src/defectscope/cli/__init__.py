@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
+from typing import TextIO
 
 from .. import __version__
 from ..errors import DefectscopeError
@@ -35,8 +37,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """Any warning from a library reaches the user as one line, not as Python's two-line report."""
+    text = " ".join(str(message).split())
+    print(f"defectscope: note: {text} ({category.__name__})", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit status 2."""
+    warnings.showwarning = _one_line_warning
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help and --version exit 0 as usual; a usage error returns 2

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..backbones import BACKBONES, LAYERS, create_backbone, resolve_weights
+from ..backbones import BACKBONES, LAYERS, FeatureExtractor, create_backbone, resolve_weights
 from ..checkpoint import sha256_file
 from ..errors import DefectscopeError, ModelFileError
 from .base import Detector
@@ -34,10 +34,10 @@ class BackboneDetector(Detector):
         self.backbone = backbone
         self.layers = tuple(layers)
         self.weights = weights
-        self._extractor: torch.nn.Module | None = None
+        self._extractor: FeatureExtractor | None = None
 
     @property
-    def extractor(self) -> torch.nn.Module:
+    def extractor(self) -> FeatureExtractor:
         """The frozen backbone, built on first use."""
         if self._extractor is None:
             self._extractor = create_backbone(self.backbone, layers=self.extracted_layers, weights=self.weights).to(

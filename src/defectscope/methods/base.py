@@ -83,6 +83,7 @@ class Detector(ABC, metaclass=_CheckedParams):
         if image_size < 32 or image_size % 16:
             raise DefectscopeError(f"image_size must be a multiple of 16 and at least 32, got {image_size}")
         check_at_least(1, batch_size=batch_size)
+        check_at_least(0, seed=seed)
         if not 0.0 <= calibration_fraction < 1.0:
             raise DefectscopeError(f"calibration_fraction must be in [0, 1), got {calibration_fraction}")
         self.image_size = image_size
@@ -92,12 +93,17 @@ class Detector(ABC, metaclass=_CheckedParams):
         self.seed = seed
         self.calibration: Calibration | None = None
         self.fit_info: dict[str, Any] = {}
+        #: What the run layer recorded about the run that fitted this model (``config.json``'s ``run``).
+        self.run_info: dict[str, Any] | None = None
         self.labelled_defects: list[Sample] = []
         self.device = torch.device("cpu")
 
     def to(self, device: str | torch.device) -> Self:
         """Run on ``device`` ("cpu", "cuda", "cuda:1", ...); inputs and outputs stay on the CPU."""
-        device = torch.device(device)
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            raise DefectscopeError(f"device {device!r}: not a torch device; use cpu, cuda or cuda:N") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise DefectscopeError(f"device {device}: no CUDA GPU is available to torch here; use --device cpu")
         if device.type not in ("cpu", "cuda"):

@@ -26,7 +26,7 @@ The unconditioned baseline (plain DDIM reconstruction, pixel distance) is
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -143,7 +143,7 @@ class DDAD(DiffusionDetector):
             "images": len(pairs),
             "epochs": log.epochs_done,
             "seconds": round(log.seconds, 3),
-            "final_loss": (log.epoch_losses or [None])[-1],
+            "final_loss": log.epoch_losses[-1] if log.epoch_losses else None,
         }
 
     def _reconstruction_pairs(self, images: CachedImages) -> list[dict[str, Any]]:
@@ -195,7 +195,10 @@ def domain_adaptation_losses(
     """
 
     def dissimilarity(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-        return sum((1 - torch.nn.functional.cosine_similarity(x, y, dim=1)).mean() for x, y in zip(a, b))
+        # One term per layer and at least one layer, so the sum is a tensor.
+        return cast(
+            torch.Tensor, sum((1 - torch.nn.functional.cosine_similarity(x, y, dim=1)).mean() for x, y in zip(a, b))
+        )
 
     s_target, s_recon = student(target), student(recon)
     with torch.no_grad():

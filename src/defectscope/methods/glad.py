@@ -34,7 +34,7 @@ The anomaly map is DDAD's pixel + feature map of the input and its reconstructio
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -94,7 +94,7 @@ class GLAD(DiffusionDetector):
         seed: int = 0,
     ) -> None:
         super().__init__(**base_params(GLAD, locals()))
-        step_range = tuple(int(t) for t in step_range)
+        step_range = cast("tuple[int, int]", tuple(int(t) for t in step_range))  # the length is checked next
         if len(step_range) != 2 or not 0 <= step_range[0] <= step_range[1] <= num_train_timesteps:
             raise DefectscopeError(
                 f"step_range must be (low, high) with 0 <= low <= high <= {num_train_timesteps}, got {step_range}"
@@ -103,7 +103,7 @@ class GLAD(DiffusionDetector):
             raise DefectscopeError(f"probe_step must be in [1, {num_train_timesteps}], got {probe_step}")
         if probe_distance not in ("feature", "pixel"):
             raise DefectscopeError(f"probe_distance must be feature or pixel, got {probe_distance!r}")
-        fusion_quantiles = tuple(float(q) for q in fusion_quantiles)
+        fusion_quantiles = cast("tuple[float, float]", tuple(float(q) for q in fusion_quantiles))  # checked next
         if len(fusion_quantiles) != 2 or not 0.0 <= fusion_quantiles[0] < fusion_quantiles[1] <= 1.0:
             raise DefectscopeError(
                 f"fusion_quantiles must be (low, high) with 0 <= low < high <= 1, got {fusion_quantiles}"
@@ -133,7 +133,7 @@ class GLAD(DiffusionDetector):
 
     def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
         x = images * 2 - 1
-        vae = self.vae
+        vae: Any = self.vae  # a diffusers autoencoder; diffusers has no type information
         if vae is None:
             return x
         with torch.no_grad():
@@ -142,20 +142,20 @@ class GLAD(DiffusionDetector):
         return z * vae.config.scaling_factor
 
     def to_image_space(self, x: torch.Tensor) -> torch.Tensor:
-        vae = self.vae
+        vae: Any = self.vae  # a diffusers autoencoder; diffusers has no type information
         if vae is not None:
             with torch.no_grad():
                 x = vae.decode(x / vae.config.scaling_factor).sample
         return ((x + 1) / 2).clamp(0, 1)
 
     def _new_network(self) -> nn.Module:
-        vae = self.vae
+        vae: Any = self.vae  # diffusers models have no type information
         channels = vae.config.latent_channels if vae is not None else 3
         size = self.image_size // 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else self.image_size
         if self.pretrained_unet is None:
             return dm.build_unet(self.unet, size, channels)
         network = dm.load_pretrained(self.pretrained_unet, ("UNet2DModel",))
-        config = network.config
+        config: Any = network.config
         sample = config.sample_size if isinstance(config.sample_size, int) else next(iter(config.sample_size))
         if config.in_channels != channels or config.out_channels != channels:
             raise DefectscopeError(

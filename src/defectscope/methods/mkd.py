@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 import torch
 import torch.nn.functional as F
@@ -86,12 +86,17 @@ class Cloner(StridedHeads):
 
 def value_loss(outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
     """L_val per image: sum over layers of the mean squared activation difference, (B,)."""
-    return sum(squared_distance(o, t).flatten(1).mean(1) for o, t in zip(outputs, targets))
+    # One term per layer and at least one layer, so the sum is a tensor.
+    return cast(torch.Tensor, sum(squared_distance(o, t).flatten(1).mean(1) for o, t in zip(outputs, targets)))
 
 
 def direction_loss(outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
     """L_dir per image: sum over layers of 1 - cosine of the flattened activations, (B,)."""
-    return sum(1.0 - F.cosine_similarity(o.flatten(1), t.flatten(1), dim=1, eps=1e-8) for o, t in zip(outputs, targets))
+    # One term per layer and at least one layer, so the sum is a tensor.
+    return cast(
+        torch.Tensor,
+        sum(1.0 - F.cosine_similarity(o.flatten(1), t.flatten(1), dim=1, eps=1e-8) for o, t in zip(outputs, targets)),
+    )
 
 
 def grey_opening(maps: torch.Tensor, size: int) -> torch.Tensor:

@@ -377,5 +377,5 @@ def load(folder: str | os.PathLike) -> Detector:
         if calibration is not None
         else None
     )
-    detector.run_info = config.get("run")  # type: ignore[attr-defined]  # read by the run layer
+    detector.run_info = config.get("run")  # read by the run layer
     return detector

@@ -182,7 +182,7 @@ def _parse_sequence(annotation: Any, raw: str) -> tuple[Any, ...] | list[Any]:
     return tuple(values) if origin is tuple else values
 
 
-def specs_of(cls: type, help_texts: dict[str, str] | None = None) -> list[ParamSpec]:
+def specs_of(cls: type[object], help_texts: dict[str, str] | None = None) -> list[ParamSpec]:
     """The :class:`ParamSpec` of every keyword of ``cls.__init__``, in signature order."""
     hints = typing.get_type_hints(cls.__init__)
     texts = HELP | (help_texts or {})

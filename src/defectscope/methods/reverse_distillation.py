@@ -24,6 +24,7 @@ paper's 256 px and 200 epochs remain available as keywords.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -172,7 +173,8 @@ class ReverseDistillation(DistillationDetector):
         def step(batch: Batch) -> torch.Tensor:
             targets = batch_targets(batch, n, self.device)
             outputs = student(targets)
-            return sum(cosine_distance(o, t).mean() for o, t in zip(outputs, targets))
+            # One term per layer and at least one layer, so the sum is a tensor.
+            return cast(torch.Tensor, sum(cosine_distance(o, t).mean() for o, t in zip(outputs, targets)))
 
         self.train({"student": student}, optimizer, self.epoch_batches(data), step)
 

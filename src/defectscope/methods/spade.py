@@ -78,7 +78,9 @@ class SPADE(BackboneDetector):
             patches[start : start + emb.shape[0]] = emb
             start += emb.shape[0]
             pooled.append(glob)
-        self._set_bank(torch.cat(pooled), patches)
+        pooled_all = torch.cat(pooled)
+        assert patches is not None  # torch.cat refuses an empty list: some batch was seen
+        self._set_bank(pooled_all, patches)
 
     def _set_bank(self, pooled: torch.Tensor, patches: torch.Tensor) -> None:
         self._image_index = NearestNeighbors(pooled, exact=True)

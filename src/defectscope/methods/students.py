@@ -187,6 +187,7 @@ class UninformedStudents(DistillationDetector):
             score = (error - e_mean) / e_std + (variance - v_mean) / v_std
             score = F.interpolate(score[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
             total = score if total is None else total + score
+        assert total is not None  # one target per layer, and there is at least one layer
         maps = anomaly_maps(total / len(targets), tuple(images.shape[-2:]), self.blur_sigma)
         return Prediction(maps.flatten(1).amax(1), maps)
 

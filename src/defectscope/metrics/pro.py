@@ -64,6 +64,8 @@ def rank_pixels(masks: np.ndarray, maps: np.ndarray, compact: bool = True) -> Ra
 
 def pro_points(r: Ranking) -> tuple[np.ndarray, np.ndarray]:
     """(FPR, PRO) from (0, 0) through one point per distinct score to (1, 1)."""
+    if r.gain is None:
+        raise ValueError("PRO needs a ranking with region weights (from rank_pixels)")
     fpr = np.concatenate(([0.0], r.fp / r.n_neg))
     pro = np.concatenate(([0.0], r.gain))
     return fpr, pro

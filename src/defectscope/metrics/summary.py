@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import cast
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from defectscope.metrics.curves import (
     auroc_from,
@@ -108,7 +110,7 @@ def _compute(
     if masks is None or maps is None:
         raise ValueError("pixel metrics need both masks and maps; got only one of them")
     m, a = check_masks_maps(masks, maps)
-    n_images = np.shape(labels)[0]
+    n_images = np.shape(cast(ArrayLike, labels))[0]  # validated by rank()
     if m.shape[0] != n_images:
         raise ValueError(f"{n_images} image labels but {m.shape[0]} masks/maps")
     pixel, ranking = _pixel_metrics(m, a, PRO_FPR_LIMIT, stacklevel=4)

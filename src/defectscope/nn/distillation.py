@@ -10,7 +10,7 @@ would only cost time).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -57,7 +57,7 @@ def conv_block(
     stride: int = 1,
     kernel: int = 3,
     batch_norm: bool = True,
-    activation: type[nn.Module] | None = nn.ReLU,
+    activation: Callable[[], nn.Module] | None = nn.ReLU,
 ) -> nn.Sequential:
     """Convolution ("same" padding, ``stride``), optional batch norm, optional activation; no conv bias.
 
@@ -186,6 +186,6 @@ class TeacherTargets:
         return cls(source, [torch.cat(parts) for parts in zip(*chunks)])
 
 
-def batch_targets(batch: dict[str, Any], count: int, device: torch.device) -> list[torch.Tensor]:
+def batch_targets(batch: Mapping[str, Any], count: int, device: torch.device) -> list[torch.Tensor]:
     """The ``count`` teacher feature maps of a batch from :class:`TeacherTargets`, on ``device``."""
     return [batch[f"target{k}"].to(device, non_blocking=True) for k in range(count)]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +46,9 @@ def write_report(
     curves: dict[str, tuple[np.ndarray, np.ndarray]],
     with_images: bool = True,
     with_reconstructions: bool = False,
+    write: Callable[[Path, str], object] = atomic_write,
 ) -> Path:
-    """Write ``folder/report.html`` for a test run.
+    """Write ``folder/report.html`` for a test run (with ``write(path, text)``: atomically by default).
 
     ``summary`` is what ``metrics.json`` holds (run, data, metrics, threshold, ...), ``records``
     the per-image records of the evaluation and ``curves`` its thinned curves. With
@@ -146,7 +147,9 @@ def write_report(
         "</div>",
         "</body></html>",
     ]
-    return atomic_write(Path(folder) / REPORT_FILE, "\n".join(page) + "\n")
+    path = Path(folder) / REPORT_FILE
+    write(path, "\n".join(page) + "\n")
+    return path
 
 
 def _esc(value: object) -> str:

@@ -159,13 +159,13 @@ class DMAD(TrainedDetector, BackboneDetector):
         queries = banks.queries
         labels, labelled = queries["labels"], queries["labelled"]
         category = queries.categories()
-        keep = []
+        kept_parts = []
         for c in banks.categories:
             for label in (False, True):
                 members = np.flatnonzero((category == c) & (labels.numpy() == label) & ~labelled.numpy())
-                keep.append(rng.permutation(members)[: self.max_train_patches])
-        keep.append(np.flatnonzero(labelled.numpy()))
-        keep = torch.from_numpy(np.sort(np.concatenate(keep)))
+                kept_parts.append(rng.permutation(members)[: self.max_train_patches])
+        kept_parts.append(np.flatnonzero(labelled.numpy()))
+        keep = torch.from_numpy(np.sort(np.concatenate(kept_parts)))
         features, groups = queries["features"][keep], queries["groups"][keep]
         labels, labelled, category = labels[keep], labelled[keep], category[keep.numpy()]
         fused = self._fused_anomalies(features, groups, labels, labelled, category, rng)

@@ -1,0 +1,258 @@
+"""``evaluate_run``: score labelled test images with a fitted run and write its results.
+
+A unified run (one model over several categories) is tested category by category, each in its
+own sub-folder, and summarised with per-category and mean metrics. Labelled defect images the
+model was fitted with are always left out, and the result says so.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..data import Sample, folder_samples
+from ..data.dataset import Batch
+from ..data.sources import labelled_samples, resolve_categories
+from ..errors import DataError, DefectscopeError
+from ..evaluate import evaluate
+from ..methods import Detector, Prediction, load
+from ..outputs import StagedFiles, atomic_save_image, atomic_write_json, json_text, prepare_output_dir
+from ..records import Record, format_records
+from ..report.html import write_report
+from ..report.overlay import display_max, overlay, to_rgb, unique_names
+from .info import RunInfo, run_info
+
+Log = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass
+class CategoryResult:
+    """The evaluation of one test set (one category of a unified run, or the only one)."""
+
+    name: str | None
+    data: str
+    folder: Path
+    records: list[Record]
+    metrics: dict[str, float]
+    notes: list[str]
+    images_per_second: float
+    threshold: float | None
+    report: Path
+
+    @property
+    def n_errors(self) -> int:
+        return sum(r.verdict == "error" for r in self.records)
+
+
+@dataclass
+class EvalResult:
+    """Everything ``evaluate_run`` produced; ``mean_metrics`` for runs over several categories."""
+
+    folder: Path
+    parts: list[CategoryResult]
+    mean_metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def n_errors(self) -> int:
+        return sum(p.n_errors for p in self.parts)
+
+    @property
+    def records(self) -> list[Record]:
+        return [r for p in self.parts for r in p.records]
+
+
+def dirs_to_test(
+    data: str | os.PathLike[str] | None, category: str | None, categories: str | None, info: RunInfo | None
+) -> list[Path]:
+    """The category folders to test: ``data`` as given, a root narrowed to the model's categories,
+    or (without ``data``) the folders the run was fitted on."""
+    if data is None:
+        if info is None or not info.data:
+            raise DefectscopeError("no test data: pass DATA (the model does not record where it was fitted)")
+        return [Path(p) for p in info.data]
+    if category is not None or categories is not None:
+        return resolve_categories([data], category, categories)
+    try:
+        every = resolve_categories([data], None, "all")
+    except DataError:
+        return resolve_categories([data])  # a category folder itself (or a plain folder: refused later)
+    fitted = [p for p in every if info and p.name in info.categories]
+    if not fitted:
+        names = ", ".join(p.name for p in every)
+        known = ", ".join(info.categories) if info and info.categories else "none recorded"
+        raise DataError(
+            f"{data}: holds the categories {names}, none of which this model was fitted on "
+            f"({known}); choose one with --category"
+        )
+    return fitted
+
+
+def _without_training_defects(samples: list[Sample], info: RunInfo | None) -> tuple[list[Sample], list[str]]:
+    used = {os.path.realpath(p) for p in (info.labelled_defects if info else [])}
+    kept = [s for s in samples if os.path.realpath(s.path) not in used]
+    dropped = len(samples) - len(kept)
+    notes = (
+        [f"{dropped} labelled defect image(s) the model was fitted with are left out of this evaluation"]
+        if dropped
+        else []
+    )
+    return kept, notes
+
+
+class _OverlayWriter:
+    """Writes each image's overlay, resized input and reconstruction under ``folder/overlays``."""
+
+    def __init__(self, folder: Path, samples: list[Sample], threshold: float | None) -> None:
+        self.root = folder / "overlays"
+        (self.root / "inputs").mkdir(parents=True, exist_ok=True)
+        self.threshold = threshold
+        keys = [str(s.path) for s in samples]
+        self.names = dict(zip((str(s.path) for s in samples), unique_names(keys)))
+        self.with_reconstructions = False
+
+    def __call__(self, batch: Batch, pred: Prediction) -> list[str | None]:
+        written: list[str | None] = []
+        for i, path in enumerate(batch["path"]):
+            name = self.names[path]
+            mask = batch["mask"][i] if batch["has_mask"][i] else None
+            image = overlay(batch["image"][i], pred.maps[i], display_max(self.threshold, pred.maps[i]), mask)
+            atomic_save_image(self.root / f"{name}.png", image)
+            atomic_save_image(
+                self.root / "inputs" / f"{name}.jpg", Image.fromarray(to_rgb(batch["image"][i])), quality=90
+            )
+            if pred.reconstructions is not None:
+                (self.root / "reconstructions").mkdir(exist_ok=True)
+                self.with_reconstructions = True
+                atomic_save_image(
+                    self.root / "reconstructions" / f"{name}.jpg",
+                    Image.fromarray(to_rgb(pred.reconstructions[i])),
+                    quality=90,
+                )
+            written.append(f"overlays/{name}.png")
+        return written
+
+
+def _evaluate_one(
+    detector: Detector,
+    samples: list[Sample],
+    source: str,
+    name: str | None,
+    folder: Path,
+    run: str,
+    notes: list[str],
+    overlays: bool,
+    batch_size: int | None,
+    log: Log,
+) -> CategoryResult:
+    log(f"testing {run} on {len(samples)} images from {source}")
+    threshold = detector.calibration.threshold if detector.calibration else None
+    writer = _OverlayWriter(folder, samples, threshold) if overlays else None
+    result = evaluate(detector, samples, batch_size, on_batch=writer)
+    notes = notes + result.notes
+    summary = {
+        "run": run,
+        "data": source,
+        "n_images": len(samples),
+        "n_defective": sum(s.label for s in samples),
+        "n_errors": sum(r.verdict == "error" for r in result.records),
+        "images_per_second": round(result.images_per_second, 2),
+        "threshold": threshold,
+        "metrics": result.metrics,
+        "notes": notes,
+    }
+    with StagedFiles() as staged:  # the three files replace earlier ones together, or not at all
+        staged.stage(folder / "metrics.json", json_text(summary))
+        staged.stage(folder / "predictions.csv", format_records(result.records, "csv", labelled=True))
+        report = write_report(
+            folder,
+            summary,
+            result.records,
+            result.curves,
+            with_images=overlays,
+            with_reconstructions=bool(writer and writer.with_reconstructions),
+            write=staged.stage,
+        )
+        staged.commit()
+    return CategoryResult(
+        name, source, folder, result.records, result.metrics, notes, result.images_per_second, threshold, report
+    )
+
+
+def evaluate_run(
+    run: str | os.PathLike[str],
+    data: str | os.PathLike[str] | None = None,
+    *,
+    category: str | None = None,
+    categories: str | None = None,
+    good: str | os.PathLike[str] | None = None,
+    defects: str | os.PathLike[str] | None = None,
+    masks: str | os.PathLike[str] | None = None,
+    image_level_only: bool = False,
+    out: str | os.PathLike[str] | None = None,
+    overlays: bool = True,
+    batch_size: int | None = None,
+    device: str = "cpu",
+    overwrite: bool = False,
+    log: Log = _quiet,
+    detector: Detector | None = None,
+) -> EvalResult:
+    """Test the run folder ``run`` on labelled images and write metrics, predictions and a report.
+
+    The test set is ``data`` (a category folder, or a root: the model's categories in it), the
+    plain folders ``good`` / ``defects`` / ``masks``, or by default what the run was fitted on.
+    Results go to ``out`` (default ``RUN/test``; a folder holding other files is refused unless
+    ``overwrite``); with several categories, one sub-folder per category plus the mean.
+    """
+    detector = detector or load(run).to(device)
+    info = run_info(detector)
+    folder = Path(out) if out is not None else Path(run) / "test"
+    sets: list[tuple[str | None, str, list[Sample]]]
+    if good is None and (defects is not None or masks is not None):
+        raise DefectscopeError("--defects / --masks: a plain-folder test set needs its good images (--good DIR)")
+    if good is not None and (data is not None or category is not None or categories is not None):
+        raise DefectscopeError(
+            f"--good {good}: a plain-folder test set replaces DATA, --category and --categories; give one or the other"
+        )
+    if masks is not None and defects is None:
+        raise DefectscopeError(f"--masks {masks}: masks belong to defect images; give those with --defects DIR")
+    if good is not None:
+        sets = [(None, str(Path(good).parent), folder_samples(good, defects, masks, image_level_only))]
+    else:
+        dirs = dirs_to_test(data, category, categories, info)
+        named = len(dirs) > 1
+        sets = [(d.name if named else None, str(d), labelled_samples(d, None, image_level_only)) for d in dirs]
+    prepare_output_dir(folder, overwrite=overwrite, what="test results")
+    parts = []
+    for name, source, samples in sets:
+        kept, notes = _without_training_defects(samples, info)
+        if not kept:
+            raise DataError(f"{source}: no test images left once the model's labelled defects are left out")
+        sub = folder / name if name else folder
+        if name:
+            prepare_output_dir(sub, overwrite=overwrite, what="test results")
+            log(f"\n== {name} ==")
+        parts.append(_evaluate_one(detector, kept, source, name, sub, str(run), notes, overlays, batch_size, log))
+    result = EvalResult(folder, parts)
+    if len(parts) > 1:
+        keys = sorted({k for p in parts for k in p.metrics})
+        result.mean_metrics = {k: float(np.mean([p.metrics[k] for p in parts if k in p.metrics])) for k in keys}
+        atomic_write_json(
+            folder / "metrics.json",
+            {
+                "run": str(run),
+                "categories": [p.name for p in parts],
+                "mean_metrics": result.mean_metrics,
+                "n_errors": result.n_errors,
+                "per_category": {p.name: p.metrics for p in parts},
+            },
+        )
+    return result

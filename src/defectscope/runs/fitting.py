@@ -1,0 +1,111 @@
+"""``fit_run``: fit a method on the good images of one or more categories into a run folder."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..data.sources import pick_labelled_defects, resolve_categories, training_samples
+from ..errors import DefectscopeError, OutputError
+from ..methods import METHODS, Detector
+from ..methods.trained import TrainedDetector
+from ..outputs import prepare_output_dir
+from .info import RunInfo
+
+Log = Callable[[str], None]
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class FitResult:
+    """A fitted run: the detector, where it was saved and what it was fitted on."""
+
+    detector: Detector
+    folder: Path
+    info: RunInfo
+
+    @property
+    def threshold(self) -> float | None:
+        return self.detector.calibration.threshold if self.detector.calibration else None
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def build_detector(method: str, params: dict[str, Any] | None = None) -> Detector:
+    """A new detector of ``method`` with constructor keywords ``params`` (checked by the method)."""
+    if method not in METHODS:
+        raise DefectscopeError(f"unknown method {method!r} (known: {', '.join(sorted(METHODS))})")
+    allowed = {spec.name for spec in METHODS[method].param_specs()}
+    unknown = sorted(set(params or {}) - allowed)
+    if unknown:
+        raise DefectscopeError(f"{method} has no parameter {unknown[0]!r} (has: {', '.join(sorted(allowed))})")
+    return METHODS[method](**(params or {}))
+
+
+def _holds_model(folder: Path) -> bool:
+    return (folder / CONFIG_FILE).is_file()
+
+
+def fit_run(
+    data: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    method: str = "patchcore",
+    params: dict[str, Any] | None = None,
+    category: str | None = None,
+    categories: str | None = None,
+    labelled_defects: int = 0,
+    defects_from: str | os.PathLike[str] | None = None,
+    device: str = "cpu",
+    resume: bool = False,
+    overwrite: bool = False,
+    log: Log = _quiet,
+) -> FitResult:
+    """Fit ``method`` on the good images of ``data`` and save the model to the run folder ``out``.
+
+    ``data`` is a category folder, a root with ``category`` / ``categories`` ("all" or "a,b"),
+    a folder of good images, or several of these for one unified model. ``labelled_defects`` K
+    defect images with masks per category (from ``defects_from``, else the test split) are
+    given to methods that use them. ``out`` must be new, empty or an earlier run folder; one
+    that already holds a fitted model is replaced only with ``overwrite``. Everything is checked
+    before the fitting starts; ``log`` receives progress sentences.
+    """
+    folders = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    detector = build_detector(method, params).to(device)
+    if resume and not isinstance(detector, TrainedDetector):
+        raise DefectscopeError(f"--resume: {method} is not trained in epochs, there is nothing to resume")
+    if labelled_defects and not detector.uses_labelled_defects:
+        users = ", ".join(name for name, cls in METHODS.items() if cls.uses_labelled_defects)
+        raise DefectscopeError(
+            f"--labelled-defects: {method} learns from good images only (methods that use labelled defects: {users})"
+        )
+    category_dirs = resolve_categories(folders, category, categories)
+    samples = [s for d in category_dirs for s in training_samples(d)]
+    defects = (
+        pick_labelled_defects(category_dirs, labelled_defects, detector.seed, defects_from) if labelled_defects else []
+    )
+    folder = Path(out)
+    if _holds_model(folder) and not (overwrite or resume):
+        raise OutputError(
+            f"{folder}: already holds a fitted model; pass --overwrite to replace it (or choose another --out)"
+        )
+    prepare_output_dir(folder, overwrite=overwrite, what="run", allow=_holds_model)
+    if defects:
+        origin = defects_from or "each category's test split"
+        log(
+            f"using {labelled_defects} labelled defect image(s) per category from {origin}; "
+            "`defectscope test` leaves them out of the evaluation"
+        )
+    where = ", ".join(str(d) for d in category_dirs)
+    log(f"fitting {detector!r}\n  on {len(samples)} good images from {where}")
+    detector.fit(samples, defects=defects, checkpoint_dir=folder / "checkpoint", resume=resume)
+    # Absolute but not resolved: category names are folder names, also when those are symlinks.
+    info = RunInfo.of(detector, [Path(os.path.abspath(d)) for d in category_dirs])
+    detector.run_info = info.to_dict()
+    detector.save(folder)
+    return FitResult(detector, folder, info)

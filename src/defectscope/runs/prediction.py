@@ -1,0 +1,119 @@
+"""``predict_run``: score image files, folders or category folders with a fitted run."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..data import ImageDataset, Sample, iterate_batches
+from ..data.layouts import image_files, mvtec_samples
+from ..data.sources import resolve_categories
+from ..errors import DataError
+from ..methods import Detector, load
+from ..outputs import atomic_save_image, prepare_output_dir
+from ..records import Record
+from ..report.overlay import display_max, overlay, unique_names
+from .info import run_info
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class PredictResult:
+    """Per-image records, in the order the images were named."""
+
+    records: list[Record]
+    heatmaps: Path | None
+
+    @property
+    def n_errors(self) -> int:
+        return sum(r.verdict == "error" for r in self.records)
+
+
+def _category_folders(path: Path, fitted: list[str]) -> list[Path] | None:
+    """The category folders ``path`` stands for (itself, or those of a root the model was fitted on);
+    None when it is a plain folder or a file."""
+    if not path.is_dir():
+        return None
+    if (path / "test").is_dir() and ((path / "train").is_dir() or (path / "ground_truth").is_dir()):
+        return [path]
+    try:
+        every = resolve_categories([path], None, "all")
+    except DataError:
+        return None
+    chosen = [p for p in every if p.name in fitted]
+    if not chosen:
+        raise DataError(
+            f"{path}: holds the categories {', '.join(p.name for p in every)}, none of which this model "
+            f"was fitted on ({', '.join(fitted) or 'none recorded'}); name a category folder"
+        )
+    return chosen
+
+
+def prediction_samples(paths: Sequence[str | os.PathLike[str]], categories: list[str]) -> list[Sample]:
+    """What ``predict`` scores: image files and folders of images as named (see
+    :func:`~defectscope.data.layouts.image_files`), and for an MVTec-layout category folder (or a
+    root of the model's categories) every image of its test split."""
+    default = categories[0] if len(categories) == 1 else None
+    samples: list[Sample] = []
+    plain: list[str | os.PathLike[str]] = []
+
+    def flush() -> None:
+        if not plain:
+            return
+        samples.extend(Sample(p, 0, "unknown", None, default or "") for p in image_files(plain))
+        plain.clear()
+
+    for raw in paths:
+        folders = _category_folders(Path(raw).expanduser(), categories)
+        if folders is None:
+            plain.append(raw)
+            continue
+        flush()
+        for folder in folders:
+            samples += [Sample(s.path, 0, "unknown", None, s.category) for s in mvtec_samples(folder, "test", True)]
+    flush()
+    return samples
+
+
+def predict_run(
+    run: str | os.PathLike[str],
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    heatmaps: str | os.PathLike[str] | None = None,
+    batch_size: int | None = None,
+    device: str = "cpu",
+    overwrite: bool = False,
+    log: Log | None = None,
+    detector: Detector | None = None,
+) -> PredictResult:
+    """Score every image ``paths`` stand for with the run folder ``run``.
+
+    With ``heatmaps``, an overlay per image is written there (distinct names also for images of
+    the same name from different folders); that folder is checked before any image is scored.
+    """
+    detector = detector or load(run).to(device)
+    info = run_info(detector)
+    samples = prediction_samples(paths, info.categories if info else [])
+    folder = prepare_output_dir(heatmaps, overwrite=overwrite, what="heat maps") if heatmaps is not None else None
+    names = dict(zip((str(s.path) for s in samples), unique_names([str(s.path) for s in samples])))
+    threshold = detector.calibration.threshold if detector.calibration else None
+    by_path = {str(s.path): s for s in samples}
+    records: list[Record] = []
+    for batch in iterate_batches(
+        ImageDataset(samples, detector.image_size), batch_size or detector.batch_size, desc="predicting"
+    ):
+        pred = detector.predict(batch["image"])
+        for i, path in enumerate(batch["path"]):
+            category = by_path[path].category or None
+            record = Record.of(path, category, float(pred.scores[i]), float(pred.maps[i].max()), threshold)
+            if folder is not None:
+                target = folder / f"{names[path]}_heatmap.png"
+                atomic_save_image(
+                    target, overlay(batch["image"][i], pred.maps[i], display_max(threshold, pred.maps[i]))
+                )
+                record.overlay = str(target)
+            records.append(record)
+    return PredictResult(records, folder)
