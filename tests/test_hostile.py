@@ -281,6 +281,19 @@ def test_predict_refuses_a_bad_entry_in_a_folder(
     )
 
 
+def test_a_newline_in_a_file_name_stays_on_one_line(ws: Workspace, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = ws.tmp / "images"
+    _copy_images(ws.example, folder)
+    (folder / "bad\nname.png").write_text("not an image")
+    _refused(
+        capsys,
+        ["predict", ws.run, folder, "--out", ws.predictions],
+        str(folder / "bad\\nname.png"),
+        "not a readable image",
+        watch=(*ws.all, folder),
+    )
+
+
 def test_predict_refuses_an_image_over_the_pixel_limit(
     ws: Workspace, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -733,6 +746,15 @@ def test_predict_refuses_to_replace_a_file_that_is_not_predictions(
     )
 
 
+def test_predict_refuses_to_replace_an_empty_json_list(ws: Workspace, capsys: pytest.CaptureFixture[str]) -> None:
+    mine = ws.out / "todo.json"
+    mine.write_text("[]\n")
+    image = sorted((ws.example / "test" / "good").iterdir())[0]
+    _refused(
+        capsys, ["predict", ws.run, image, "--out", mine], str(mine), "not a defectscope predictions file", watch=ws.all
+    )
+
+
 def test_predict_refuses_to_write_over_an_input_image(ws: Workspace, capsys: pytest.CaptureFixture[str]) -> None:
     image = _copy_images(ws.example, ws.tmp / "images", 1)[0]
     _refused(
@@ -1009,6 +1031,20 @@ ARGUMENTS: list[tuple[str, list[str], str]] = [
         "--image-size",
     ),
     ("fit-without-out", ["fit", "{example}"], "--out"),
+    (
+        "threshold-sigmas-huge",
+        ["fit", "{example}", "--out", "{new}", "--set", "threshold_sigmas=1e308"],
+        "threshold_sigmas",
+    ),
+    (
+        "threshold-sigmas-negative",
+        ["fit", "{example}", "--out", "{new}", "--set", "threshold_sigmas=-1"],
+        "threshold_sigmas",
+    ),
+    ("num-neighbors-0", ["fit", "{example}", "--out", "{new}", "--set", "num_neighbors=0"], "num_neighbors"),
+    ("neighbourhood-even", ["fit", "{example}", "--out", "{new}", "--set", "neighbourhood=2"], "neighbourhood"),
+    ("set-newline", ["fit", "{example}", "--out", "{new}", "--set", "bo\ngus=1"], "bo\\ngus"),
+    ("test-categories-without-data", ["test", "{run}", "--out", "{results}", "--categories", "nope"], "--categories"),
 ]
 
 

@@ -122,6 +122,6 @@ def looks_like_records(text: str) -> bool:
             value = json.loads(text)
         except ValueError:
             return False
-        return isinstance(value, list) and all(isinstance(v, dict) and "verdict" in v for v in value)
+        return isinstance(value, list) and bool(value) and all(isinstance(v, dict) and "verdict" in v for v in value)
     header = text.splitlines()[0] if text else ""
     return header in (",".join(_columns(False)), ",".join(_columns(True)))

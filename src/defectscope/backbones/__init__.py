@@ -9,7 +9,7 @@ blocks. Weights are found by :func:`resolve_weights` (explicit file, ``$DEFECTSC
 installed package, torch hub cache, download).
 """
 
-from defectscope.backbones.extractor import (
+from .extractor import (
     BACKBONES,
     DEFAULT_LAYERS,
     LAYERS,
@@ -17,7 +17,7 @@ from defectscope.backbones.extractor import (
     create_backbone,
     create_classifier,
 )
-from defectscope.backbones.weights import WEIGHT_FILES, WEIGHTS_DIR_ENV, resolve_weights
+from .weights import WEIGHT_FILES, WEIGHTS_DIR_ENV, resolve_weights
 
 __all__ = [
     "BACKBONES",

@@ -10,12 +10,12 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from defectscope.backbones.common import Backbone, Stage, init_weights
-from defectscope.backbones.efficientnet_lite import EfficientNetLite0
-from defectscope.backbones.fold import fold_batch_norms
-from defectscope.backbones.mobilenet_v2 import MobileNetV2
-from defectscope.backbones.resnet import resnet18, wide_resnet50_2
-from defectscope.backbones.weights import load_weights, resolve_weights
+from .common import Backbone, Stage, init_weights
+from .efficientnet_lite import EfficientNetLite0
+from .fold import fold_batch_norms
+from .mobilenet_v2 import MobileNetV2
+from .resnet import resnet18, wide_resnet50_2
+from .weights import load_weights, resolve_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

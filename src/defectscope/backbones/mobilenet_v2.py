@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from defectscope.backbones.common import Backbone, Stage
+from .common import Backbone, Stage
 
 # (expansion t, output channels c, repeats n, stride of the first repeat s), from the paper.
 _SETTINGS = (

@@ -17,7 +17,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from defectscope.backbones.common import Backbone, Stage
+from .common import Backbone, Stage
 
 
 def _downsample(cin: int, cout: int, stride: int) -> nn.Module | None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from defectscope.errors import WeightsError
+from ..errors import WeightsError
 
 WEIGHTS_DIR_ENV = "DEFECTSCOPE_WEIGHTS_DIR"
 

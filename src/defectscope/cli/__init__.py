@@ -18,11 +18,16 @@ from ..errors import DefectscopeError
 from . import demo, evaluation, fit, predict, synth
 
 
+def one_line(text: str) -> str:
+    """``text`` with control characters (a newline in a file name, terminal escapes) written as escapes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with its usage errors as one line and exit status 2, like every other error."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"defectscope: error: {message.removeprefix('argument ')} (see {self.prog} --help)\n")
+        self.exit(2, f"defectscope: error: {one_line(message.removeprefix('argument '))} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except DefectscopeError as exc:
-        print(f"defectscope: error: {exc}", file=sys.stderr)
+        print(f"defectscope: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("defectscope: interrupted", file=sys.stderr)

@@ -9,8 +9,8 @@ Typical use::
         batch["image"]  # (B, 3, 256, 256) float in [0, 1]
 """
 
-from defectscope.data.dataset import ImageDataset, iterate_batches
-from defectscope.data.image_io import (
+from .dataset import ImageDataset, iterate_batches
+from .image_io import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
     image_to_tensor,
@@ -21,7 +21,7 @@ from defectscope.data.image_io import (
     read_image,
     set_max_image_pixels,
 )
-from defectscope.data.layouts import (
+from .layouts import (
     IGNORED_NAMES,
     Sample,
     find_categories,

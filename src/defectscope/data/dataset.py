@@ -11,9 +11,9 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from defectscope.data.image_io import Size, image_to_tensor, load_mask, mask_to_tensor, read_image, size_hw
-from defectscope.data.layouts import Sample
-from defectscope.progress import progress_enabled
+from ..progress import progress_enabled
+from .image_io import Size, image_to_tensor, load_mask, mask_to_tensor, read_image, size_hw
+from .layouts import Sample
 
 
 class ItemSource(Protocol):

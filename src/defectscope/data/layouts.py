@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from defectscope.data.image_io import IMAGE_EXTENSIONS
-from defectscope.errors import DataError
+from ..errors import DataError
+from .image_io import IMAGE_EXTENSIONS
 
 #: File and folder names never read as data (compared case-insensitively), besides dot-files:
 #: Windows thumbnail caches and folder settings, and the resource folders macOS archives add.

@@ -84,6 +84,8 @@ class Detector(ABC, metaclass=_CheckedParams):
             raise DefectscopeError(f"image_size must be a multiple of 16 and at least 32, got {image_size}")
         check_at_least(1, batch_size=batch_size)
         check_at_least(0, seed=seed)
+        if threshold_sigmas < 0 or threshold_sigmas > 10:  # a huge one would call every image good
+            raise DefectscopeError(f"threshold_sigmas must be in [0, 10], got {threshold_sigmas}")
         if not 0.0 <= calibration_fraction < 1.0:
             raise DefectscopeError(f"calibration_fraction must be in [0, 1), got {calibration_fraction}")
         self.image_size = image_size

@@ -53,7 +53,9 @@ class PatchCore(BackboneDetector):
         super().__init__(**base_params(PatchCore, locals()))
         if not 0.0 < coreset_ratio <= 1.0:
             raise DefectscopeError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
-        check_at_least(1, embed_dim=embed_dim, projection_dim=projection_dim)
+        check_at_least(1, embed_dim=embed_dim, projection_dim=projection_dim, num_neighbors=num_neighbors)
+        if neighbourhood < 1 or neighbourhood % 2 == 0:
+            raise DefectscopeError(f"neighbourhood must be an odd number of at least 1, got {neighbourhood}")
         self.embed_dim = embed_dim
         self.neighbourhood = neighbourhood
         self.coreset_ratio = coreset_ratio

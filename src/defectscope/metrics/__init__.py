@@ -4,7 +4,7 @@
 ``summary`` the metric sets an evaluation reports. Everything is numpy + scipy and exact.
 """
 
-from defectscope.metrics.curves import (
+from .curves import (
     auroc,
     average_precision,
     f1_max,
@@ -12,8 +12,8 @@ from defectscope.metrics.curves import (
     roc_curve,
     thin_curve,
 )
-from defectscope.metrics.pro import aupro, pro_curve
-from defectscope.metrics.summary import (
+from .pro import aupro, pro_curve
+from .summary import (
     assess,
     compute_metrics,
     compute_metrics_and_curves,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from defectscope.metrics.ranking import Ranking, rank
+from .ranking import Ranking, rank
 
 
 def auroc_from(r: Ranking) -> float:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from defectscope.metrics.ranking import (
+from .ranking import (
     Ranking,
     as_binary,
     as_scores,

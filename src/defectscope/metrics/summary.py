@@ -16,15 +16,15 @@ from typing import cast
 import numpy as np
 from numpy.typing import ArrayLike
 
-from defectscope.metrics.curves import (
+from .curves import (
     auroc_from,
     average_precision_from,
     f1_max_from,
     precision_recall_from,
     thin_curve,
 )
-from defectscope.metrics.pro import aupro_from, check_masks_maps, pro_points, rank_pixels
-from defectscope.metrics.ranking import Ranking, rank
+from .pro import aupro_from, check_masks_maps, pro_points, rank_pixels
+from .ranking import Ranking, rank
 
 PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro")
 PRO_FPR_LIMIT = 0.3

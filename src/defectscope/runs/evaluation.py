@@ -76,6 +76,8 @@ def dirs_to_test(
     """The category folders to test: ``data`` as given, a root narrowed to the model's categories,
     or (without ``data``) the folders the run was fitted on."""
     if data is None:
+        if category is not None or categories is not None:
+            raise DefectscopeError("--category / --categories choose from a dataset root: give that root as DATA too")
         if info is None or not info.data:
             raise DefectscopeError("no test data: pass DATA (the model does not record where it was fitted)")
         return [Path(p) for p in info.data]

@@ -13,13 +13,13 @@ Kinds: ``perlin`` (DRAEM texture in a Perlin-noise shape), ``cutpaste`` and ``sc
 ``croppaste`` (real defect regions from a few labelled images).
 """
 
-from defectscope.data.synth.base import Synthesizer
-from defectscope.data.synth.croppaste import CropPaste
-from defectscope.data.synth.cutpaste import CutPaste
-from defectscope.data.synth.dataset import SynthDataset
-from defectscope.data.synth.factory import KINDS, make_synthesizer
-from defectscope.data.synth.perlin import perlin_mask, perlin_noise
-from defectscope.data.synth.textures import PerlinTexture
+from .base import Synthesizer
+from .croppaste import CropPaste
+from .cutpaste import CutPaste
+from .dataset import SynthDataset
+from .factory import KINDS, make_synthesizer
+from .perlin import perlin_mask, perlin_noise
+from .textures import PerlinTexture
 
 __all__ = [
     "KINDS",

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from defectscope.data.synth.augment import changed_region, color_jitter
-from defectscope.data.synth.base import check_image
-from defectscope.errors import DefectscopeError
+from ...errors import DefectscopeError
+from .augment import changed_region, color_jitter
+from .base import check_image
 
 JITTER = 0.05  # small brightness, contrast, saturation and hue jitter
 SCALE = (0.75, 1.25)

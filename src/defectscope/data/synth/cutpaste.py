@@ -8,8 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from defectscope.data.synth.augment import changed_region, color_jitter
-from defectscope.data.synth.base import check_image
+from .augment import changed_region, color_jitter
+from .base import check_image
 
 JITTER = 0.1  # brightness, contrast, saturation and hue jitter of the paper
 _MAX_TRIES = 20  # redraws while less than half of the pasted piece differs visibly from what it covers

@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from defectscope.data.dataset import ItemSource
-from defectscope.data.synth.base import Synthesizer
+from ..dataset import ItemSource
+from .base import Synthesizer
 
 
 class SynthDataset:

@@ -7,11 +7,11 @@ from collections.abc import Sequence
 
 import torch
 
-from defectscope.data.synth.base import Sometimes, Synthesizer
-from defectscope.data.synth.croppaste import CropPaste
-from defectscope.data.synth.cutpaste import CutPaste
-from defectscope.data.synth.textures import PerlinTexture
-from defectscope.errors import DefectscopeError
+from ...errors import DefectscopeError
+from .base import Sometimes, Synthesizer
+from .croppaste import CropPaste
+from .cutpaste import CutPaste
+from .textures import PerlinTexture
 
 KINDS = ("perlin", "cutpaste", "scar", "croppaste")
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from defectscope.data.image_io import IMAGE_EXTENSIONS, image_to_tensor, load_image
-from defectscope.data.synth.augment import changed_region, random_colour, random_geometry, resize
-from defectscope.data.synth.base import check_image, no_anomaly
-from defectscope.data.synth.perlin import perlin_mask
-from defectscope.errors import DataError
+from ...errors import DataError
+from ..image_io import IMAGE_EXTENSIONS, image_to_tensor, load_image
+from .augment import changed_region, random_colour, random_geometry, resize
+from .base import check_image, no_anomaly
+from .perlin import perlin_mask
 
 _MAX_TRIES = 10  # redraws when a draw changes no pixel visibly (e.g. beta close to 1)
 _CACHE_SIZE = 32  # folder textures kept decoded at the working size
