@@ -39,6 +39,14 @@ table.metrics { border-collapse: collapse; } table.metrics td, table.metrics th 
 """
 
 
+#: The curve plots: key in ``curves``, title, axis labels, x range end, metric shown, its name.
+_CURVES = (
+    ("roc", "Image ROC", "false positive rate", "true positive rate", 1.0, "image_auroc", "AUROC"),
+    ("pr", "Image precision-recall", "recall", "precision", 1.0, "image_ap", "AP"),
+    ("pro", "Pixel per-region overlap", "false positive rate", "PRO", 0.3, "aupro", "AUPRO"),
+)
+
+
 def write_report(
     folder: Path,
     summary: dict[str, Any],
@@ -80,43 +88,11 @@ def write_report(
             + "; ".join(f"{Path(r.path).name}: {r.reason}" for r in errors[:5])
         )
     facts += [f"note: {note}" for note in summary.get("notes", [])]
-    plots = []
-    if "roc" in curves:
-        plots.append(
-            _line_plot(
-                "Image ROC",
-                "false positive rate",
-                "true positive rate",
-                curves["roc"],
-                (0.0, 1.0),
-                summary["metrics"].get("image_auroc"),
-                "AUROC",
-            )
-        )
-    if "pr" in curves:
-        plots.append(
-            _line_plot(
-                "Image precision-recall",
-                "recall",
-                "precision",
-                curves["pr"],
-                (0.0, 1.0),
-                summary["metrics"].get("image_ap"),
-                "AP",
-            )
-        )
-    if "pro" in curves:
-        plots.append(
-            _line_plot(
-                "Pixel per-region overlap",
-                "false positive rate",
-                "PRO",
-                curves["pro"],
-                (0.0, 0.3),
-                summary["metrics"].get("aupro"),
-                "AUPRO",
-            )
-        )
+    plots = [
+        _line_plot(title, xlabel, ylabel, curves[key], (0.0, x_max), summary["metrics"].get(metric), area)
+        for key, title, xlabel, ylabel, x_max, metric, area in _CURVES
+        if key in curves
+    ]
     if scores.size:
         plots.append(_histogram(scores, labels, threshold))
     cards = [_card(r, with_images, with_reconstructions) for r in [*errors, *sorted(judged, key=lambda r: -r.score)]]
