@@ -452,6 +452,16 @@ def test_test_refuses_a_text_file_named_like_a_mask(ws: Workspace, capsys: pytes
     _test_refused(capsys, ws, cat, str(mask), "not a readable image")
 
 
+def test_a_test_that_fails_half_way_keeps_the_earlier_results(
+    ws: Workspace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cat = _category(ws.example, ws.tmp)
+    for image in (cat / "test").rglob("*.png"):  # other pixels than the earlier test, same names
+        Image.open(image).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(image)
+    bad = _truncated(cat / "test" / "good" / "zzz.png", cat / "test" / "good" / "000.png")
+    _refused(capsys, ["test", ws.run, cat, "--out", ws.results, "--batch-size", "1"], str(bad), watch=(*ws.all, cat))
+
+
 def test_test_refuses_a_stray_file_in_test(ws: Workspace, capsys: pytest.CaptureFixture[str]) -> None:
     cat = _category(ws.example, ws.tmp)
     shutil.copy(cat / "test" / "good" / "000.png", cat / "test" / "loose.png")

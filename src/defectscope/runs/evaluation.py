@@ -8,6 +8,8 @@ model was fitted with are always left out, and the result says so.
 from __future__ import annotations
 
 import os
+import shutil
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +20,10 @@ from PIL import Image
 from ..data import Sample, folder_samples
 from ..data.dataset import Batch
 from ..data.sources import labelled_samples, resolve_categories
-from ..errors import DataError, DefectscopeError
+from ..errors import DataError, DefectscopeError, OutputError
 from ..evaluate import evaluate
 from ..methods import Detector, Prediction, load
-from ..outputs import StagedFiles, atomic_save_image, atomic_write_json, json_text, prepare_output_dir
+from ..outputs import StagedFiles, atomic_save_image, atomic_write_json, json_text, make_folder, prepare_output_dir
 from ..records import Record, format_records
 from ..report.html import write_report
 from ..report.overlay import display_max, overlay, to_rgb, unique_names
@@ -111,11 +113,13 @@ def _without_training_defects(samples: list[Sample], info: RunInfo | None) -> tu
 
 
 class _OverlayWriter:
-    """Writes each image's overlay, resized input and reconstruction under ``folder/overlays``."""
+    """Writes each image's overlay, resized input and reconstruction into a new hidden folder that
+    :meth:`commit` puts in place of ``folder/overlays`` once every image is scored: a test that
+    fails half-way leaves the earlier overlays as they were."""
 
     def __init__(self, folder: Path, samples: list[Sample], threshold: float | None) -> None:
-        self.root = folder / "overlays"
-        (self.root / "inputs").mkdir(parents=True, exist_ok=True)
+        self.final = folder / "overlays"
+        self.root = make_folder(folder / f".overlays.{uuid.uuid4().hex[:12]}.tmp" / "inputs", "overlays").parent
         self.threshold = threshold
         keys = [str(s.path) for s in samples]
         self.names = dict(zip((str(s.path) for s in samples), unique_names(keys)))
@@ -142,6 +146,23 @@ class _OverlayWriter:
             written.append(f"overlays/{name}.png")
         return written
 
+    def commit(self) -> None:
+        """Replace the earlier overlays folder (if any) by the new one."""
+        old = self.root.with_suffix(".old")
+        try:
+            if self.final.exists() or self.final.is_symlink():
+                os.replace(self.final, old)
+            os.replace(self.root, self.final)
+        except OSError as exc:
+            if old.exists() and not self.final.exists():
+                os.replace(old, self.final)
+            raise OutputError(f"{self.final}: cannot replace ({exc.strerror}); the earlier overlays are kept") from None
+        shutil.rmtree(old, ignore_errors=True)
+
+    def discard(self) -> None:
+        """Remove the new overlays if they were not committed."""
+        shutil.rmtree(self.root, ignore_errors=True)
+
 
 def _evaluate_one(
     detector: Detector,
@@ -158,6 +179,25 @@ def _evaluate_one(
     log(f"testing {run} on {len(samples)} images from {source}")
     threshold = detector.calibration.threshold if detector.calibration else None
     writer = _OverlayWriter(folder, samples, threshold) if overlays else None
+    try:
+        return _score_and_write(detector, samples, source, name, folder, run, notes, batch_size, threshold, writer)
+    finally:
+        if writer is not None:
+            writer.discard()  # nothing left after a commit
+
+
+def _score_and_write(
+    detector: Detector,
+    samples: list[Sample],
+    source: str,
+    name: str | None,
+    folder: Path,
+    run: str,
+    notes: list[str],
+    batch_size: int | None,
+    threshold: float | None,
+    writer: _OverlayWriter | None,
+) -> CategoryResult:
     result = evaluate(detector, samples, batch_size, on_batch=writer)
     notes = notes + result.notes
     summary = {
@@ -179,10 +219,12 @@ def _evaluate_one(
             summary,
             result.records,
             result.curves,
-            with_images=overlays,
+            with_images=writer is not None,
             with_reconstructions=bool(writer and writer.with_reconstructions),
             write=staged.stage,
         )
+        if writer is not None:
+            writer.commit()
         staged.commit()
     return CategoryResult(
         name, source, folder, result.records, result.metrics, notes, result.images_per_second, threshold, report
