@@ -1,6 +1,8 @@
 """Shared fixtures: the real datasets in ../shared/datasets (skipped with a reason when absent)."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,3 +40,19 @@ def mtd_root(datasets_root: Path) -> Path:
 @pytest.fixture(scope="session")
 def example_root() -> Path:
     return EXAMPLE
+
+
+@pytest.fixture(scope="session")
+def unprivileged_ok() -> bool:
+    """Whether an unprivileged user (nobody) can import defectscope, read the bundled example and the
+    backbone weights; permission-fault tests drop to that user and skip where it cannot (a clone
+    inside a folder private to root)."""
+    script = (
+        "import os, defectscope.cli; from defectscope.backbones import resolve_weights; "
+        "paths = [resolve_weights(name, None) for name in ('mobilenet_v2', 'efficientnet_lite0')]; "
+        "os.setgid(65534); os.setuid(65534); [open(p, 'rb').close() for p in paths]; "
+        f"os.listdir({str(EXAMPLE)!r})"
+    )
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return False
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, check=False).returncode == 0

@@ -940,21 +940,10 @@ def shared_tmp() -> Iterator[Path]:
         shutil.rmtree(outer)
 
 
-def _reachable(example: Path) -> bool:
-    probe = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            f"import os, defectscope.cli; os.setgid(65534); os.setuid(65534); os.listdir({str(example)!r})",
-        ],
-        capture_output=True,
-        check=False,
-    )
-    return probe.returncode == 0
-
-
-def test_fit_into_a_read_only_folder_is_refused_before_fitting(ws: Workspace, shared_tmp: Path) -> None:
-    if not _reachable(ws.example):
+def test_fit_into_a_read_only_folder_is_refused_before_fitting(
+    ws: Workspace, shared_tmp: Path, unprivileged_ok: bool
+) -> None:
+    if not unprivileged_ok:
         pytest.skip("the example data or the virtualenv is not readable by an unprivileged user")
     err = _refused_in_subprocess(
         "nobody",
@@ -966,8 +955,10 @@ def test_fit_into_a_read_only_folder_is_refused_before_fitting(ws: Workspace, sh
     assert "fitting" not in err  # checked before any work
 
 
-def test_fit_over_a_read_only_run_keeps_the_earlier_model(ws: Workspace, shared_tmp: Path) -> None:
-    if not _reachable(ws.example):
+def test_fit_over_a_read_only_run_keeps_the_earlier_model(
+    ws: Workspace, shared_tmp: Path, unprivileged_ok: bool
+) -> None:
+    if not unprivileged_ok:
         pytest.skip("the example data or the virtualenv is not readable by an unprivileged user")
     run = Path(shutil.copytree(ws.run, shared_tmp / "run"))
     os.chmod(run, 0o755)
@@ -981,8 +972,8 @@ def test_fit_over_a_read_only_run_keeps_the_earlier_model(ws: Workspace, shared_
     assert "fitting" not in err
 
 
-def test_predict_out_into_a_read_only_folder(ws: Workspace, shared_tmp: Path) -> None:
-    if not _reachable(ws.example):
+def test_predict_out_into_a_read_only_folder(ws: Workspace, shared_tmp: Path, unprivileged_ok: bool) -> None:
+    if not unprivileged_ok:
         pytest.skip("the example data or the virtualenv is not readable by an unprivileged user")
     run = Path(shutil.copytree(ws.run, shared_tmp / "run"))
     os.chmod(run, 0o755)
