@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,7 @@ from defectscope.data import (
     mvtec_samples,
     read_image,
 )
-from defectscope.errors import DataError
+from helpers import raises_naming
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -64,17 +62,6 @@ def _category(
     return cat
 
 
-@contextmanager
-def _raises_naming(path: Path, *fragments: str) -> Iterator[None]:
-    """Expect a one-line DataError whose message names ``path`` and contains ``fragments``."""
-    with pytest.raises(DataError) as info:
-        yield
-    message = str(info.value)
-    assert str(path) in message and "\n" not in message, message
-    for fragment in fragments:
-        assert fragment in message, message
-
-
 def _noise_png_bytes(fmt: str) -> bytes:
     pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     buffer = io.BytesIO()
@@ -106,7 +93,7 @@ def test_mvtec_samples_lists_sorted_splits_with_masks(tmp_path: Path) -> None:
 
 
 def test_missing_category_dir(tmp_path: Path) -> None:
-    with _raises_naming(tmp_path / "nope", "category folder not found"):
+    with raises_naming(tmp_path / "nope", "category folder not found"):
         mvtec_samples(tmp_path / "nope", "train")
 
 
@@ -115,7 +102,7 @@ def test_missing_train_good(tmp_path: Path) -> None:
     for image in (cat / "train" / "good").iterdir():
         image.unlink()
     (cat / "train" / "good").rmdir()
-    with _raises_naming(cat / "train" / "good", "folder not found"):
+    with raises_naming(cat / "train" / "good", "folder not found"):
         mvtec_samples(cat, "train")
 
 
@@ -123,14 +110,14 @@ def test_empty_train_good(tmp_path: Path) -> None:
     cat = _category(tmp_path, n_train=0)
     (cat / "train" / "good").mkdir(parents=True)
     (cat / "train" / "good" / ".DS_Store").write_bytes(b"x")
-    with _raises_naming(cat / "train" / "good", "no images"):
+    with raises_naming(cat / "train" / "good", "no images"):
         mvtec_samples(cat, "train")
 
 
 def test_missing_test_dir(tmp_path: Path) -> None:
     cat = tmp_path / "widget"
     _save(cat / "train" / "good" / "000.png", _rgb())
-    with _raises_naming(cat / "test", "folder not found"):
+    with raises_naming(cat / "test", "folder not found"):
         mvtec_samples(cat, "test")
 
 
@@ -142,7 +129,7 @@ def test_bad_split_is_a_value_error(tmp_path: Path) -> None:
 def test_defect_without_mask_needs_image_level_only(tmp_path: Path) -> None:
     cat = _category(tmp_path, masks=False)
     image = cat / "test" / "crack" / "000.png"
-    with _raises_naming(image, "000_mask.png", "image_level_only", "--image-level-only"):
+    with raises_naming(image, "000_mask.png", "image_level_only", "--image-level-only"):
         mvtec_samples(cat, "test")
     samples = mvtec_samples(cat, "test", image_level_only=True)
     defect = next(s for s in samples if s.label == 1)
@@ -167,14 +154,14 @@ def test_non_image_file_in_image_folder(tmp_path: Path, folder: str) -> None:
     stray = cat / folder / "notes.txt"
     stray.write_text("not an image")
     split = folder.split("/")[0]
-    with _raises_naming(stray, "not an image file"):
+    with raises_naming(stray, "not an image file"):
         mvtec_samples(cat, split)
 
 
 def test_stray_file_in_test_folder(tmp_path: Path) -> None:
     cat = _category(tmp_path)
     stray = _save(cat / "test" / "loose.png", _rgb())
-    with _raises_naming(stray, "unexpected file"):
+    with raises_naming(stray, "unexpected file"):
         mvtec_samples(cat, "test")
 
 
@@ -198,18 +185,18 @@ def test_folder_samples_missing_mask(tmp_path: Path) -> None:
     _save(tmp_path / "ok" / "a.png", _rgb())
     defect = _save(tmp_path / "bad" / "d1.png", _rgb())
     (tmp_path / "masks").mkdir()
-    with _raises_naming(defect, "image_level_only"):
+    with raises_naming(defect, "image_level_only"):
         folder_samples(tmp_path / "ok", tmp_path / "bad", tmp_path / "masks")
-    with _raises_naming(defect, "no mask folder given"):
+    with raises_naming(defect, "no mask folder given"):
         folder_samples(tmp_path / "ok", tmp_path / "bad")
     assert folder_samples(tmp_path / "ok", tmp_path / "bad", image_level_only=True)[1].mask_path is None
 
 
 def test_folder_samples_missing_dirs(tmp_path: Path) -> None:
-    with _raises_naming(tmp_path / "ok", "folder not found"):
+    with raises_naming(tmp_path / "ok", "folder not found"):
         folder_samples(tmp_path / "ok")
     _save(tmp_path / "ok" / "a.png", _rgb())
-    with _raises_naming(tmp_path / "bad", "not found"):
+    with raises_naming(tmp_path / "bad", "not found"):
         folder_samples(tmp_path / "ok", tmp_path / "bad", image_level_only=True)
 
 
@@ -221,9 +208,9 @@ def test_find_categories(tmp_path: Path) -> None:
     (tmp_path / "notes").mkdir()
     assert find_categories(tmp_path) == [first, second]
     assert find_categories(first) == [first]
-    with _raises_naming(tmp_path / "notes", "no category folders"):
+    with raises_naming(tmp_path / "notes", "no category folders"):
         find_categories(tmp_path / "notes")
-    with _raises_naming(tmp_path / "missing", "not found"):
+    with raises_naming(tmp_path / "missing", "not found"):
         find_categories(tmp_path / "missing")
 
 
@@ -232,21 +219,21 @@ def test_find_categories(tmp_path: Path) -> None:
 
 
 def test_image_path_does_not_exist(tmp_path: Path) -> None:
-    with _raises_naming(tmp_path / "ghost.png", "not found"):
+    with raises_naming(tmp_path / "ghost.png", "not found"):
         load_image(tmp_path / "ghost.png")
 
 
 def test_zero_byte_image(tmp_path: Path) -> None:
     path = tmp_path / "empty.png"
     path.touch()
-    with _raises_naming(path, "0 bytes"):
+    with raises_naming(path, "0 bytes"):
         load_image(path)
 
 
 def test_unreadable_image(tmp_path: Path) -> None:
     path = tmp_path / "garbage.png"
     path.write_bytes(b"this is not a PNG at all" * 10)
-    with _raises_naming(path, "not a readable image"):
+    with raises_naming(path, "not a readable image"):
         load_image(path)
 
 
@@ -255,16 +242,16 @@ def test_truncated_image(tmp_path: Path, fmt: str, suffix: str) -> None:
     data = _noise_png_bytes(fmt)
     path = tmp_path / f"cut{suffix}"
     path.write_bytes(data[: len(data) // 2])
-    with _raises_naming(path, "truncated"):
+    with raises_naming(path, "truncated"):
         load_image(path)
 
 
 def test_unreadable_and_missing_mask(tmp_path: Path) -> None:
     path = tmp_path / "m_mask.png"
     path.write_bytes(b"\x89PNG broken")
-    with _raises_naming(path):
+    with raises_naming(path):
         load_mask(path, (16, 16))
-    with _raises_naming(tmp_path / "none_mask.png", "not found"):
+    with raises_naming(tmp_path / "none_mask.png", "not found"):
         load_mask(tmp_path / "none_mask.png", (16, 16))
 
 
@@ -273,9 +260,9 @@ def test_mask_size_differs_from_image(tmp_path: Path) -> None:
     mask = _save(cat / "ground_truth" / "crack" / "000_mask.png", np.zeros((10, 12), np.uint8))
     image = cat / "test" / "crack" / "000.png"
     samples = [s for s in mvtec_samples(cat, "test") if s.label == 1]
-    with _raises_naming(mask, str(image), "12x10", "16x16"):
+    with raises_naming(mask, str(image), "12x10", "16x16"):
         ImageDataset(samples, image_size=8)[0]
-    with _raises_naming(mask, "12x10"):
+    with raises_naming(mask, "12x10"):
         load_mask(mask, (16, 16))
 
 
@@ -284,7 +271,7 @@ def test_iterate_batches_propagates_first_failing_file(tmp_path: Path) -> None:
     broken = cat / "train" / "good" / "003.png"
     broken.write_bytes(b"")
     dataset = ImageDataset(mvtec_samples(cat, "train"), image_size=8)
-    with _raises_naming(broken, "0 bytes"):
+    with raises_naming(broken, "0 bytes"):
         for _ in iterate_batches(dataset, batch_size=2, threads=2):
             pass
 

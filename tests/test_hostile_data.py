@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +34,7 @@ from defectscope.data import (
 )
 from defectscope.errors import DataError
 from defectscope.metrics import assess, image_metrics
+from helpers import raises_naming
 
 pytestmark = pytest.mark.filterwarnings("error")  # any warning reaching the caller fails the test
 
@@ -61,17 +60,6 @@ def _category(root: Path) -> Path:
     mask[4:8, 4:8] = 255
     _save(cat / "ground_truth" / "crack" / "000_mask.png", Image.fromarray(mask))
     return cat
-
-
-@contextmanager
-def _raises_naming(path: Path, *fragments: str) -> Iterator[None]:
-    """Expect a one-line DataError whose message names ``path`` and contains ``fragments``."""
-    with pytest.raises(DataError) as info:
-        yield
-    message = str(info.value)
-    assert str(path) in message and "\n" not in message, message
-    for fragment in fragments:
-        assert fragment in message, message
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -106,16 +94,16 @@ def test_image_files_lists_folders_and_files(images: Path, tmp_path: Path) -> No
 def test_image_files_does_not_walk_subfolders(images: Path) -> None:
     sub = images / "more"
     _png(sub / "c.png")
-    with _raises_naming(sub, "not searched recursively", f"name {sub} as well"):
+    with raises_naming(sub, "not searched recursively", f"name {sub} as well"):
         image_files([images])
     assert image_files([images / "a.png", sub]) == [images / "a.png", sub / "c.png"]
 
 
 def test_folder_named_like_an_image(images: Path) -> None:
     (images / "x.png").mkdir()
-    with _raises_naming(images / "x.png", "folder named like a .png image"):
+    with raises_naming(images / "x.png", "folder named like a .png image"):
         image_files([images])
-    with _raises_naming(images / "x.png", "unexpected folder"):
+    with raises_naming(images / "x.png", "unexpected folder"):
         folder_samples(images)
 
 
@@ -144,11 +132,11 @@ def test_special_files_stop_every_listing(tmp_path: Path, make, fragment: str) -
     folder = tmp_path / "images"
     _png(folder / "a.png")
     special = make(folder / "z.png")
-    with _raises_naming(special, fragment):
+    with raises_naming(special, fragment):
         image_files([folder])
-    with _raises_naming(special, fragment):
+    with raises_naming(special, fragment):
         image_files([special])
-    with _raises_naming(special, fragment):
+    with raises_naming(special, fragment):
         folder_samples(folder)
     cat = _category(tmp_path)
     for split, place in (
@@ -158,7 +146,7 @@ def test_special_files_stop_every_listing(tmp_path: Path, make, fragment: str) -
         ("test", "ground_truth/crack"),
     ):
         target = make(cat / place / "zz.png")
-        with _raises_naming(target, fragment):
+        with raises_naming(target, fragment):
             mvtec_samples(cat, split)
         target.unlink()
 
@@ -171,9 +159,9 @@ def test_unreadable_file(images: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     else:
         locked.chmod(0)
     try:
-        with _raises_naming(locked, "permission denied"):
+        with raises_naming(locked, "permission denied"):
             image_files([images])
-        with _raises_naming(locked, "permission denied"):
+        with raises_naming(locked, "permission denied"):
             folder_samples(images)
     finally:
         locked.chmod(0o644)
@@ -182,12 +170,12 @@ def test_unreadable_file(images: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_explicit_non_image_and_missing_paths(images: Path, tmp_path: Path) -> None:
     notes = tmp_path / "notes.txt"
     notes.write_text("x")
-    with _raises_naming(notes, "not an image file"):
+    with raises_naming(notes, "not an image file"):
         image_files([images, notes])
-    with _raises_naming(tmp_path / "ghost.png", "no such file"):
+    with raises_naming(tmp_path / "ghost.png", "no such file"):
         image_files([tmp_path / "ghost.png"])
     (tmp_path / "empty").mkdir()
-    with _raises_naming(tmp_path / "empty", "holds no images"):
+    with raises_naming(tmp_path / "empty", "holds no images"):
         image_files([tmp_path / "empty"])
     with pytest.raises(DataError):
         image_files([])
@@ -203,7 +191,7 @@ def test_ignored_names_are_the_same_everywhere(images: Path, tmp_path: Path) -> 
     assert image_files([images]) == listed
     assert image_files(sorted(images.iterdir())) == listed  # what the shell's folder/* passes
     assert [s.path for s in folder_samples(images)] == listed
-    with _raises_naming(images / "Thumbs.db", "ignored"):
+    with raises_naming(images / "Thumbs.db", "ignored"):
         image_files([images / "Thumbs.db"])
     cat = _category(tmp_path)
     for place in ("train/good", "test", "test/good", "ground_truth/crack"):
@@ -222,13 +210,13 @@ def test_non_image_file_in_ground_truth(tmp_path: Path) -> None:
     cat = _category(tmp_path)
     stray = cat / "ground_truth" / "crack" / "readme.txt"
     stray.write_text("masks")
-    with _raises_naming(stray, "not an image file"):
+    with raises_naming(stray, "not an image file"):
         mvtec_samples(cat, "test")
     stray.unlink()
     fake = cat / "ground_truth" / "crack" / "000_mask.png"
     fake.write_text("not a mask")
     sample = next(s for s in mvtec_samples(cat, "test") if s.label == 1)
-    with _raises_naming(fake, "not a readable image"):
+    with raises_naming(fake, "not a readable image"):
         ImageDataset([sample], image_size=8)[0]
 
 
@@ -236,9 +224,9 @@ def test_non_image_file_in_ground_truth(tmp_path: Path) -> None:
 def test_mask_among_good_images(tmp_path: Path, place: str) -> None:
     cat = _category(tmp_path)
     mask = _png(cat / place / "000_mask.png", value=0)
-    with _raises_naming(mask, "ground-truth mask"):
+    with raises_naming(mask, "ground-truth mask"):
         mvtec_samples(cat, place.split("/")[0])
-    with _raises_naming(mask, "ground-truth mask"):
+    with raises_naming(mask, "ground-truth mask"):
         folder_samples(cat / place)
 
 
@@ -250,18 +238,18 @@ def test_oversized_image_is_refused_from_its_header(tmp_path: Path, monkeypatch:
     pillow_limit = Image.MAX_IMAGE_PIXELS
     bomb = _bomb_png(tmp_path / "bomb.png", 30000, 30000)
     assert bomb.stat().st_size < 2000
-    with _raises_naming(bomb, "30000x30000", "over the limit", str(DEFAULT_MAX_PIXELS)):
+    with raises_naming(bomb, "30000x30000", "over the limit", str(DEFAULT_MAX_PIXELS)):
         load_image(bomb)
     # Between our limit and Pillow's error threshold, where Pillow would only warn.
     big = _bomb_png(tmp_path / "big.png", 10000, 10000)
-    with _raises_naming(big, "10000x10000", "DEFECTSCOPE_MAX_PIXELS"):
+    with raises_naming(big, "10000x10000", "DEFECTSCOPE_MAX_PIXELS"):
         load_image(big)
     assert pillow_limit == Image.MAX_IMAGE_PIXELS
 
     image = _png(tmp_path / "twenty.png", size=20)
     monkeypatch.setenv("DEFECTSCOPE_MAX_PIXELS", "399")
     assert max_image_pixels() == 399
-    with _raises_naming(image, "20x20 = 400 pixels", "limit of 399"):
+    with raises_naming(image, "20x20 = 400 pixels", "limit of 399"):
         read_image(image)
     monkeypatch.setenv("DEFECTSCOPE_MAX_PIXELS", "400")
     assert load_image(image).size == (20, 20)
@@ -271,7 +259,7 @@ def test_oversized_image_is_refused_from_its_header(tmp_path: Path, monkeypatch:
     monkeypatch.delenv("DEFECTSCOPE_MAX_PIXELS")
     try:
         set_max_image_pixels(100)
-        with _raises_naming(image, "limit of 100"):
+        with raises_naming(image, "limit of 100"):
             load_image(image)
         with pytest.raises(ValueError):
             set_max_image_pixels(0)
@@ -286,7 +274,7 @@ def test_oversized_image_stops_a_threaded_batch(tmp_path: Path) -> None:
         _png(folder / f"{i}.png")
     bomb = _bomb_png(folder / "3.png", 20000, 20000)
     dataset = ImageDataset(folder_samples(folder), image_size=8)
-    with _raises_naming(bomb, "20000x20000"):
+    with raises_naming(bomb, "20000x20000"):
         for _ in iterate_batches(dataset, batch_size=2, threads=2):
             pass
 
@@ -299,7 +287,7 @@ def _frames(size: tuple[int, int] = (8, 8)) -> list[Image.Image]:
 def test_animated_or_multi_page_files_are_refused(tmp_path: Path, name: str) -> None:
     first, *rest = _frames()
     path = _save(tmp_path / name, first, save_all=True, append_images=rest)
-    with _raises_naming(path, "3 frames"):
+    with raises_naming(path, "3 frames"):
         load_image(path)
 
 
@@ -328,7 +316,7 @@ def test_truncated_files(tmp_path: Path, fmt: str, cut: float) -> None:
     whole = _save(tmp_path / f"whole.{fmt.lower()}", Image.fromarray(pixels), format=fmt).read_bytes()
     path = tmp_path / f"cut.{fmt.lower()}"
     path.write_bytes(whole[: int(len(whole) * cut)])
-    with _raises_naming(path):
+    with raises_naming(path):
         load_image(path)
 
 
@@ -336,9 +324,9 @@ def test_truncated_files(tmp_path: Path, fmt: str, cut: float) -> None:
 def test_files_that_are_not_images(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "fake.png"
     path.write_bytes(content)
-    with _raises_naming(path):
+    with raises_naming(path):
         load_image(path)
-    with _raises_naming(path):
+    with raises_naming(path):
         load_mask(path, (8, 8))
 
 
@@ -370,7 +358,7 @@ def test_large_image_resize_stays_close_to_exact() -> None:
 
 def test_mask_checks(tmp_path: Path) -> None:
     small = _save(tmp_path / "small_mask.png", Image.new("L", (4, 4), 255))
-    with _raises_naming(small, "4x4", "8x8"):
+    with raises_naming(small, "4x4", "8x8"):
         load_mask(small, (8, 8))
     grey = _save(tmp_path / "grey_mask.png", Image.fromarray(np.array([[0, 1, 128, 255]] * 4, np.uint8)))
     assert load_mask(grey, (4, 4)).tolist() == [[False, True, True, True]] * 4
@@ -445,7 +433,7 @@ def test_hidden_folder_named_directly_is_listed(tmp_path: Path) -> None:
     hidden = tmp_path / ".staging"
     _png(hidden / "a.png")
     assert image_files([hidden]) == [hidden / "a.png"]
-    with _raises_naming(tmp_path, "holds no images"):
+    with raises_naming(tmp_path, "holds no images"):
         image_files([tmp_path])  # the hidden folder inside is ignored, not an error
 
 
@@ -455,5 +443,5 @@ def test_high_bit_depth_images(tmp_path: Path) -> None:
     assert np.abs(loaded - np.rint(ramp / 257.0)).max() <= 1
     nan = np.full((4, 4), np.nan, np.float32)
     path = _save(tmp_path / "nan.tif", Image.fromarray(nan))
-    with _raises_naming(path, "NaN"):
+    with raises_naming(path, "NaN"):
         load_image(path)
