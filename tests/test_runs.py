@@ -156,3 +156,28 @@ def test_predicted_scores_equal_the_detectors(fitted: Path, example_root: Path) 
     expected = detector.predict(batch).scores
     got = torch.tensor([r.score for r in predict_run(fitted, [s.path for s in samples]).records])
     assert torch.allclose(got, expected, rtol=1e-5)
+
+
+def test_missing_weights_are_found_before_the_run_folder_is_made(example_root: Path, tmp_path: Path) -> None:
+    from defectscope.errors import WeightsError
+
+    with pytest.raises(WeightsError, match="nope.pth"):
+        fit_run(example_root, tmp_path / "run", params={**PARAMS, "weights": str(tmp_path / "nope.pth")})
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_model_without_threshold_says_so_and_gives_no_verdicts(
+    example_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(sorted((example_root / "train" / "good").iterdir())[0], one / "000.png")
+    assert (
+        main(["fit", str(one), "--out", str(tmp_path / "r"), "--image-size", "64", "--backbone", "mobilenet_v2"]) == 0
+    )
+    assert "no calibrated threshold" in capsys.readouterr().err
+    image = sorted((example_root / "test" / "broken_large").iterdir())[0]
+    assert main(["predict", str(tmp_path / "r"), str(image)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)[0]["verdict"] is None
+    assert "no calibrated threshold" in captured.err

@@ -19,6 +19,13 @@ Verdict = Literal["good", "anomalous", "error"]
 EXIT_IMAGES_ERRORED = 3
 
 
+#: Said wherever a model without a calibrated threshold scores images.
+NO_THRESHOLD_NOTE = (
+    "this model has no calibrated threshold (no good images were held out when it was fitted), "
+    "so no image gets a verdict; fit it on at least 2 good images"
+)
+
+
 def judge(score: float, threshold: float | None) -> tuple[Verdict | None, str | None]:
     """The verdict of one score and, for ``error``, the reason."""
     if not math.isfinite(score):

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..errors import DefectscopeError
 from ..methods import METHODS
+from ..records import NO_THRESHOLD_NOTE
 from ..runs import fit_run
 from .common import add_device, add_overwrite, info, positive_int
 
@@ -74,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         log=info,
     )
+    if result.threshold is None:
+        info(f"note: {NO_THRESHOLD_NOTE}")
     threshold = f"{result.threshold:.4g}" if result.threshold is not None else "none (no held-out images)"
     print(
         f"fitted in {result.info.fit_seconds:.1f} s on {result.info.n_fit_images} images; threshold {threshold} "

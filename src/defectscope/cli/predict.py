@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import OutputError
 from ..outputs import atomic_write, prepare_output_file
-from ..records import format_records, looks_like_records
+from ..records import NO_THRESHOLD_NOTE, format_records, looks_like_records
 from ..runs import predict_run
 from .common import add_device, add_overwrite, exit_status, info, positive_int
 
@@ -39,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         overwrite=args.overwrite,
     )
+    if result.records and result.records[0].threshold is None:
+        info(f"note: {NO_THRESHOLD_NOTE}")
     text = format_records(result.records, args.format)
     if out is not None:
         atomic_write(out, text)

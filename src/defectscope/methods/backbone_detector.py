@@ -58,6 +58,9 @@ class BackboneDetector(Detector):
     def _modules(self) -> dict[str, torch.nn.Module | None]:
         return super()._modules() | {"extractor": self._extractor}
 
+    def preflight(self) -> None:
+        resolve_weights(self.backbone, self.weights)
+
     def _extra_config(self) -> dict[str, Any]:
         return {"backbone_weights_sha256": sha256_file(resolve_weights(self.backbone, self.weights))}
 

@@ -169,6 +169,9 @@ class Detector(ABC, metaclass=_CheckedParams):
     def _check_config(self, config: dict[str, Any], folder: Path) -> None:
         """Verify that the environment still matches what the model was fitted with."""
 
+    def preflight(self) -> None:
+        """Check before any work starts that what fitting needs is there (e.g. weights files)."""
+
     # -- fit / predict -----------------------------------------------------------------------
     @property
     def is_fitted(self) -> bool:

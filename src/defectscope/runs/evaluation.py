@@ -24,7 +24,7 @@ from ..errors import DataError, DefectscopeError, OutputError
 from ..evaluate import evaluate
 from ..methods import Detector, Prediction, load
 from ..outputs import StagedFiles, atomic_save_image, atomic_write_json, json_text, make_folder, prepare_output_dir
-from ..records import Record, format_records
+from ..records import NO_THRESHOLD_NOTE, Record, format_records
 from ..report.html import write_report
 from ..report.overlay import display_max, overlay, to_rgb, unique_names
 from .info import RunInfo, run_info
@@ -199,7 +199,7 @@ def _score_and_write(
     writer: _OverlayWriter | None,
 ) -> CategoryResult:
     result = evaluate(detector, samples, batch_size, on_batch=writer)
-    notes = notes + result.notes
+    notes = notes + result.notes + ([NO_THRESHOLD_NOTE] if threshold is None else [])
     summary = {
         "run": run,
         "data": source,

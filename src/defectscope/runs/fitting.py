@@ -89,6 +89,7 @@ def fit_run(
     defects = (
         pick_labelled_defects(category_dirs, labelled_defects, detector.seed, defects_from) if labelled_defects else []
     )
+    detector.preflight()
     folder = Path(out)
     if _holds_model(folder) and not (overwrite or resume):
         raise OutputError(
