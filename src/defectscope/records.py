@@ -14,6 +14,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
+from .outputs import json_safe
+
 Verdict = Literal["good", "anomalous", "error"]
 #: Exit status of a command that finished but could not judge some images (verdict ``error``).
 EXIT_IMAGES_ERRORED = 3
@@ -104,10 +106,7 @@ def format_records(records: list[Record], fmt: str, labelled: bool = False) -> s
     """Records as JSON (strict: no bare NaN) or CSV text with a fixed header."""
     rows = [r.to_dict(labelled) for r in records]
     if fmt == "json":
-        return (
-            json.dumps([{k: _finite_or_none(v) for k, v in row.items()} for row in rows], indent=2, allow_nan=False)
-            + "\n"
-        )
+        return json.dumps(json_safe(rows), indent=2, allow_nan=False) + "\n"
     if fmt != "csv":
         raise ValueError(f"unknown record format {fmt!r}")
     buffer = io.StringIO()
@@ -115,10 +114,6 @@ def format_records(records: list[Record], fmt: str, labelled: bool = False) -> s
     writer.writeheader()
     writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
     return buffer.getvalue()
-
-
-def _finite_or_none(value: Any) -> Any:
-    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def looks_like_records(text: str) -> bool:
