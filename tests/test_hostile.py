@@ -582,6 +582,13 @@ def test_test_refuses_an_edited_config(ws: Workspace, capsys: pytest.CaptureFixt
     )
 
 
+def _predict_refuses_the_tensors(ws: Workspace, capsys: pytest.CaptureFixture[str], problem: str) -> None:
+    image = sorted((ws.example / "test" / "good").iterdir())[0]
+    _refused(
+        capsys, ["predict", ws.run, image, "--out", ws.predictions], str(ws.run / TENSORS_FILE), problem, watch=ws.all
+    )
+
+
 def _rehash(run: Path) -> None:
     _edit_config(run, lambda c: c.update(tensors_sha256=sha256_file(run / TENSORS_FILE)))
 
@@ -591,14 +598,7 @@ def test_predict_refuses_truncated_tensors_with_a_matching_hash(
 ) -> None:
     _truncated(ws.run / TENSORS_FILE, ws.run / TENSORS_FILE)
     _rehash(ws.run)
-    image = sorted((ws.example / "test" / "good").iterdir())[0]
-    _refused(
-        capsys,
-        ["predict", ws.run, image, "--out", ws.predictions],
-        str(ws.run / TENSORS_FILE),
-        "cannot be read",
-        watch=ws.all,
-    )
+    _predict_refuses_the_tensors(ws, capsys, "cannot be read")
 
 
 def test_predict_refuses_a_nan_bank_with_a_matching_hash(ws: Workspace, capsys: pytest.CaptureFixture[str]) -> None:
@@ -606,28 +606,14 @@ def test_predict_refuses_a_nan_bank_with_a_matching_hash(ws: Workspace, capsys: 
     tensors["memory_bank"].view(-1)[3] = math.nan
     save_file(tensors, str(ws.run / TENSORS_FILE))
     _rehash(ws.run)
-    image = sorted((ws.example / "test" / "good").iterdir())[0]
-    _refused(
-        capsys,
-        ["predict", ws.run, image, "--out", ws.predictions],
-        str(ws.run / TENSORS_FILE),
-        "NaN or infinite",
-        watch=ws.all,
-    )
+    _predict_refuses_the_tensors(ws, capsys, "NaN or infinite")
 
 
 def test_predict_refuses_changed_tensors(ws: Workspace, capsys: pytest.CaptureFixture[str]) -> None:
     data = bytearray((ws.run / TENSORS_FILE).read_bytes())
     data[-5] ^= 0x10
     (ws.run / TENSORS_FILE).write_bytes(bytes(data))
-    image = sorted((ws.example / "test" / "good").iterdir())[0]
-    _refused(
-        capsys,
-        ["predict", ws.run, image, "--out", ws.predictions],
-        str(ws.run / TENSORS_FILE),
-        "checksum",
-        watch=ws.all,
-    )
+    _predict_refuses_the_tensors(ws, capsys, "checksum")
 
 
 def _missing_tensors(run: Path) -> tuple[Path, str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,16 +23,11 @@ from ..errors import DataError, DefectscopeError, OutputError
 from ..evaluate import evaluate
 from ..methods import Detector, Prediction, load
 from ..outputs import StagedFiles, atomic_save_image, atomic_write_json, json_text, make_folder, prepare_output_dir
+from ..progress import Log, quiet
 from ..records import NO_THRESHOLD_NOTE, Record, format_records
 from ..report.html import write_report
 from ..report.overlay import display_max, overlay, to_rgb, unique_names
 from .info import RunInfo, run_info
-
-Log = Callable[[str], None]
-
-
-def _quiet(_: str) -> None:
-    pass
 
 
 @dataclass
@@ -246,7 +240,7 @@ def evaluate_run(
     batch_size: int | None = None,
     device: str = "cpu",
     overwrite: bool = False,
-    log: Log = _quiet,
+    log: Log = quiet,
     detector: Detector | None = None,
 ) -> EvalResult:
     """Test the run folder ``run`` on labelled images and write metrics, predictions and a report.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,9 +13,9 @@ from ..errors import DefectscopeError, OutputError
 from ..methods import METHODS, Detector
 from ..methods.trained import TrainedDetector
 from ..outputs import prepare_output_dir
+from ..progress import Log, quiet
 from .info import RunInfo
 
-Log = Callable[[str], None]
 CONFIG_FILE = "config.json"
 
 
@@ -30,10 +30,6 @@ class FitResult:
     @property
     def threshold(self) -> float | None:
         return self.detector.calibration.threshold if self.detector.calibration else None
-
-
-def _quiet(_: str) -> None:
-    pass
 
 
 def build_detector(method: str, params: dict[str, Any] | None = None) -> Detector:
@@ -64,7 +60,7 @@ def fit_run(
     device: str = "cpu",
     resume: bool = False,
     overwrite: bool = False,
-    log: Log = _quiet,
+    log: Log = quiet,
 ) -> FitResult:
     """Fit ``method`` on the good images of ``data`` and save the model to the run folder ``out``.
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +16,6 @@ from ..outputs import atomic_save_image, prepare_output_dir
 from ..records import Record
 from ..report.overlay import display_max, overlay, unique_names
 from .info import run_info
-
-Log = Callable[[str], None]
 
 
 @dataclass
@@ -86,7 +84,6 @@ def predict_run(
     batch_size: int | None = None,
     device: str = "cpu",
     overwrite: bool = False,
-    log: Log | None = None,
     detector: Detector | None = None,
 ) -> PredictResult:
     """Score every image ``paths`` stand for with the run folder ``run``.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,12 +17,7 @@ from ..data.sources import labelled_samples, resolve_category, training_samples
 from ..data.synth import PerlinTexture, SynthDataset, Synthesizer, make_synthesizer
 from ..errors import DefectscopeError
 from ..outputs import atomic_save_image, atomic_write
-
-Log = Callable[[str], None]
-
-
-def _quiet(_: str) -> None:
-    pass
+from ..progress import Log, quiet
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -121,7 +115,7 @@ def synth_run(
     image_size: int = 256,
     seed: int = 0,
     command_line: str = "",
-    log: Log = _quiet,
+    log: Log = quiet,
 ) -> SynthResult:
     """Make ``count`` anomalous images from the good images of ``data`` (train/good, round-robin).
 
