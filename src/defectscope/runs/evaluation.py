@@ -174,55 +174,40 @@ def _evaluate_one(
     threshold = detector.calibration.threshold if detector.calibration else None
     writer = _OverlayWriter(folder, samples, threshold) if overlays else None
     try:
-        return _score_and_write(detector, samples, source, name, folder, run, notes, batch_size, threshold, writer)
+        result = evaluate(detector, samples, batch_size, on_batch=writer)
+        notes = notes + result.notes + ([NO_THRESHOLD_NOTE] if threshold is None else [])
+        summary = {
+            "run": run,
+            "data": source,
+            "n_images": len(samples),
+            "n_defective": sum(s.label for s in samples),
+            "n_errors": sum(r.verdict == "error" for r in result.records),
+            "images_per_second": round(result.images_per_second, 2),
+            "threshold": threshold,
+            "metrics": result.metrics,
+            "notes": notes,
+        }
+        with StagedFiles() as staged:  # the three files replace earlier ones together, or not at all
+            staged.stage(folder / "metrics.json", json_text(summary))
+            staged.stage(folder / "predictions.csv", format_records(result.records, "csv", labelled=True))
+            report = write_report(
+                folder,
+                summary,
+                result.records,
+                result.curves,
+                with_images=writer is not None,
+                with_reconstructions=bool(writer and writer.with_reconstructions),
+                write=staged.stage,
+            )
+            if writer is not None:
+                writer.commit()
+            staged.commit()
+        return CategoryResult(
+            name, source, folder, result.records, result.metrics, notes, result.images_per_second, threshold, report
+        )
     finally:
         if writer is not None:
             writer.discard()  # nothing left after a commit
-
-
-def _score_and_write(
-    detector: Detector,
-    samples: list[Sample],
-    source: str,
-    name: str | None,
-    folder: Path,
-    run: str,
-    notes: list[str],
-    batch_size: int | None,
-    threshold: float | None,
-    writer: _OverlayWriter | None,
-) -> CategoryResult:
-    result = evaluate(detector, samples, batch_size, on_batch=writer)
-    notes = notes + result.notes + ([NO_THRESHOLD_NOTE] if threshold is None else [])
-    summary = {
-        "run": run,
-        "data": source,
-        "n_images": len(samples),
-        "n_defective": sum(s.label for s in samples),
-        "n_errors": sum(r.verdict == "error" for r in result.records),
-        "images_per_second": round(result.images_per_second, 2),
-        "threshold": threshold,
-        "metrics": result.metrics,
-        "notes": notes,
-    }
-    with StagedFiles() as staged:  # the three files replace earlier ones together, or not at all
-        staged.stage(folder / "metrics.json", json_text(summary))
-        staged.stage(folder / "predictions.csv", format_records(result.records, "csv", labelled=True))
-        report = write_report(
-            folder,
-            summary,
-            result.records,
-            result.curves,
-            with_images=writer is not None,
-            with_reconstructions=bool(writer and writer.with_reconstructions),
-            write=staged.stage,
-        )
-        if writer is not None:
-            writer.commit()
-        staged.commit()
-    return CategoryResult(
-        name, source, folder, result.records, result.metrics, notes, result.images_per_second, threshold, report
-    )
 
 
 def evaluate_run(
