@@ -65,9 +65,18 @@ def test_labelled_defects_grow_the_anomaly_bank(
     assert evaluate(det, rest).metrics["pixel_ap"] > evaluate(unsupervised, rest).metrics["pixel_ap"] + 0.03
 
 
-def test_methods_without_defect_learning_refuse_defects(example_root: Path, split: tuple[list, list]) -> None:
-    with pytest.raises(DefectscopeError, match="cannot use labelled defects"):
-        PatchCore(image_size=64).fit(example_root, defects=split[0])
+def test_methods_without_defect_learning_hold_the_defects_out(example_root: Path, split: tuple[list, list]) -> None:
+    det = PatchCore(image_size=64, backbone="mobilenet_v2").fit(example_root, defects=split[0])
+    scores = det.predict(next(iterate_batches(ImageDataset(split[0], 64), len(split[0])))).scores
+    cal = det.calibration
+    assert cal is not None and cal.defect_scores == pytest.approx(sorted(scores.double().tolist()), rel=1e-6)
+    miss = cal.miss_estimate
+    assert miss is not None and miss.n == len(split[0]) and miss.count == int((scores <= cal.threshold).sum())
+
+
+def test_dmad_cannot_set_a_recall_threshold_from_what_it_learns(example_root: Path, split: tuple[list, list]) -> None:
+    with pytest.raises(DefectscopeError, match="cannot also set its threshold.*defectscope calibrate"):
+        DMAD(**SMALL, threshold_rule="recall", target_recall=0.5).fit(example_root, defects=split[0])
 
 
 def test_unified_fit_over_two_categories(example_root: Path, split: tuple[list, list]) -> None:

@@ -899,17 +899,32 @@ def test_full_disk_during_heatmaps_keeps_the_earlier_files(ws: Workspace) -> Non
     )
 
 
+def test_full_disk_during_calibrate_keeps_the_model(ws: Workspace) -> None:
+    limit = (ws.run / "config.json").stat().st_size // 2  # the new config.json cannot be written in full
+    _refused_in_subprocess(
+        "limit",
+        ["calibrate", ws.run, "--false-alarm-rate", "0.3"],
+        str(ws.run),
+        "cannot write",
+        watch=ws.all,
+        limit=limit,
+    )
+
+
 @pytest.mark.parametrize("overlays", [True, False], ids=["overlays", "no-overlays"])
 def test_full_disk_during_test_keeps_the_earlier_results(ws: Workspace, overlays: bool) -> None:
-    # 1000 bytes: the (small) metrics.json would fit, predictions.csv, report.html and overlays do not.
-    assert (ws.results / "metrics.json").stat().st_size < 1000 < (ws.results / "predictions.csv").stat().st_size
+    # A file-size limit under which the (small) metrics.json would fit, predictions.csv, report.html
+    # and the overlays would not.
+    small, large = ((ws.results / name).stat().st_size for name in ("metrics.json", "predictions.csv"))
+    limit = (small + large) // 2
+    assert small < limit < large
     _refused_in_subprocess(
         "limit",
         ["test", ws.run, "--out", ws.results, *([] if overlays else ["--no-overlays"])],
         str(ws.results),
         "cannot write",
         watch=ws.all,
-        limit=1000,
+        limit=limit,
     )
 
 
@@ -1001,10 +1016,33 @@ ARGUMENTS: list[tuple[str, list[str], str]] = [
     ),
     ("labelled-defects-0", ["fit", "{example}", "--out", "{new}", "--labelled-defects", "0"], "--labelled-defects"),
     (
-        "labelled-defects-patchcore",
-        ["fit", "{example}", "--out", "{new}", "--labelled-defects", "2"],
-        "--labelled-defects",
+        "recall-rule-without-defects",
+        ["fit", "{example}", "--out", "{new}", "--target-recall", "0.9"],
+        "needs at least 9 held-out labelled defects, got 0",
     ),
+    (
+        "two-rule-settings",
+        ["fit", "{example}", "--out", "{new}", "--target-recall", "0.9", "--false-alarm-rate", "0.1"],
+        "each rule has its own setting",
+    ),
+    ("false-alarm-rate-1", ["fit", "{example}", "--out", "{new}", "--false-alarm-rate", "1"], "false_alarm_rate"),
+    ("calibrate-nothing", ["calibrate", "{run}"], "nothing to change"),
+    (
+        "calibrate-training-images",
+        ["calibrate", "{run}", "--good", "{example}/train/good"],
+        "already part of this model",
+    ),
+    ("calibrate-rate-0", ["calibrate", "{run}", "--false-alarm-rate", "0"], "must be between 0 and 1"),
+    ("calibrate-rate-nan", ["calibrate", "{run}", "--false-alarm-rate", "nan"], "finite number"),
+    ("calibrate-sigmas-11", ["calibrate", "{run}", "--sigmas", "11"], "must be in [0, 10]"),
+    (
+        "calibrate-mixed-rule",
+        ["calibrate", "{run}", "--rule", "mean_sigma", "--false-alarm-rate", "0.1"],
+        "each rule has its own setting",
+    ),
+    ("calibrate-recall-no-defects", ["calibrate", "{run}", "--target-recall", "0.9"], "--defects DIR"),
+    ("calibrate-not-a-run", ["calibrate", "{tmp}", "--false-alarm-rate", "0.1"], "config.json"),
+    ("calibrate-missing-good", ["calibrate", "{run}", "--good", "{tmp}/nowhere"], "nowhere"),
     ("resume-patchcore", ["fit", "{example}", "--out", "{new}", "--resume"], "--resume"),
     ("method-nope", ["fit", "{example}", "--out", "{new}", "--method", "nope"], "'nope'"),
     ("device-nope", ["fit", "{example}", "--out", "{new}", "--device", "nope"], "nope"),

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from defectscope.methods.model_file import (
     TENSORS_FILE,
     read_json,
 )
-from defectscope.postprocess import Calibration, calibrate
+from defectscope.thresholds import Calibration, calibrate
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,21 @@ def base_run(example_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 @pytest.fixture
 def run(base_run: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(base_run, tmp_path / "run"))
+
+
+def _as_older_format(config: dict[str, Any]) -> None:
+    """The config as defectscope wrote it before threshold rules: mean_sigma statistics only."""
+    for key in ("threshold_rule", "false_alarm_rate", "target_recall"):
+        config["params"].pop(key)
+    older = calibrate(config["calibration"]["good_scores"], rule="mean_sigma").to_dict()
+    config["calibration"] = {k: older[k] for k in ("threshold", "mean", "std", "max", "n_images", "sigmas", "rule")}
+
+
+@pytest.fixture
+def older_run(run: Path) -> Path:
+    """A model in the format saved before threshold rules existed (mean + 3 sd, no stored scores)."""
+    _edit_config(run, _as_older_format)
+    return run
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
@@ -149,12 +165,13 @@ CONFIG_CASES: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
 
 
 @pytest.mark.parametrize("edit, needle", [c[1:] for c in CONFIG_CASES], ids=[c[0] for c in CONFIG_CASES])
-def test_crafted_config_is_refused(run: Path, edit: Callable[[dict[str, Any]], Any], needle: str) -> None:
-    _edit_config(run, edit)
-    _refused(run, str(run / CONFIG_FILE), needle)
+def test_crafted_config_is_refused(older_run: Path, edit: Callable[[dict[str, Any]], Any], needle: str) -> None:
+    _edit_config(older_run, edit)
+    _refused(older_run, str(older_run / CONFIG_FILE), needle)
 
 
-def test_valid_model_loads_with_its_calibration_and_run_record(run: Path) -> None:
+def test_valid_model_loads_with_its_calibration_and_run_record(older_run: Path) -> None:
+    run = older_run
     config = json.loads((run / CONFIG_FILE).read_text())
     assert config["calibration"]["rule"] == "mean_sigma"
     assert sorted(p.name for p in run.iterdir()) == [CONFIG_FILE, TENSORS_FILE]
@@ -165,9 +182,12 @@ def test_valid_model_loads_with_its_calibration_and_run_record(run: Path) -> Non
     assert det.run_info == {"data": ["bottle"], "categories": ["bottle"]}
 
 
-def test_calibration_without_rule_from_the_current_format_loads(run: Path) -> None:
-    _edit_config(run, lambda c: c["calibration"].pop("rule"))
-    assert load(run).calibration.rule == "mean_sigma"
+def test_calibration_without_rule_from_the_older_format_loads(older_run: Path) -> None:
+    _edit_config(older_run, lambda c: c["calibration"].pop("rule"))
+    det = load(older_run)
+    assert det.calibration.rule == "mean_sigma" and det.threshold_rule == "mean_sigma"
+    cal = det.calibration
+    assert cal.good_scores is None and cal.false_alarm_bound == 1 / (cal.n_images + 1)
 
 
 def test_null_calibration_loads_without_a_threshold(run: Path) -> None:
@@ -270,11 +290,11 @@ def test_saved_model_and_checkpoint_are_readable_by_others(base_run: Path, tmp_p
 def test_model_that_load_would_refuse_is_not_saved(base_run: Path, run: Path) -> None:
     det = load(base_run)
     before = _snapshot(run)
-    det.calibration = Calibration(math.nan, math.nan, math.nan, math.nan, 3, 3.0)
+    det.calibration = replace(det.calibration, threshold=math.nan)
     with pytest.raises(ModelFileError, match=r"calibration\.threshold") as info:
         det.save(run)
     assert str(run) in str(info.value) and "\n" not in str(info.value)
-    det.calibration = calibrate([1.0, 2.0, 3.0], det.threshold_sigmas)
+    det.calibration = calibrate([1.0, 2.0, 3.0], rule="conformal", false_alarm_rate=det.false_alarm_rate)
     det.memory_bank[0, 0] = math.inf
     with pytest.raises(ModelFileError, match="'memory_bank'"):
         det.save(run / "new")

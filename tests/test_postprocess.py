@@ -1,11 +1,10 @@
 """Shared post-processing: smoothing matches scipy, upsampling keeps size, calibration rule."""
 
 import numpy as np
-import pytest
 import torch
 from scipy import ndimage
 
-from defectscope.postprocess import anomaly_maps, calibrate, gaussian_blur
+from defectscope.postprocess import anomaly_maps, gaussian_blur
 
 
 def test_gaussian_blur_matches_scipy() -> None:
@@ -26,12 +25,3 @@ def test_anomaly_maps_upsample_and_keep_peak_location() -> None:
     assert abs(y - (2 * 8 + 4)) <= 2 and abs(x - (5 * 8 + 4)) <= 2
 
 
-def test_calibration_threshold_rule() -> None:
-    scores = np.array([1.0, 2.0, 3.0, 2.0])
-    cal = calibrate(scores, sigmas=3.0)
-    assert cal.threshold == pytest.approx(2.0 + 3.0 * np.std(scores, ddof=1))
-    assert cal.threshold >= scores.max()
-    single = calibrate(np.array([5.0]))
-    assert single.threshold == 5.0
-    with pytest.raises(ValueError):
-        calibrate(np.array([]))

@@ -54,7 +54,7 @@ def tested(request: pytest.FixtureRequest) -> Path:
 
 
 class _ReportParser(HTMLParser):
-    """Collects the metric table, image links, plots and image cards of a report."""
+    """Collects the metric table (#metrics), image links, plots and image cards of a report."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -63,11 +63,14 @@ class _ReportParser(HTMLParser):
         self.plots: dict[str, int] = {}
         self.cards: list[dict[str, str]] = []
         self._in_cell = False
+        self._in_metrics = False
         self._plot: str | None = None
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = {k: v or "" for k, v in attrs}
-        if tag == "td":
+        if tag == "table":
+            self._in_metrics = a.get("id") == "metrics"
+        elif tag == "td" and self._in_metrics:
             self._in_cell = True
             self.cells.append("")
         elif tag == "img":
@@ -83,6 +86,8 @@ class _ReportParser(HTMLParser):
     def handle_endtag(self, tag: str) -> None:
         if tag == "td":
             self._in_cell = False
+        elif tag == "table":
+            self._in_metrics = False
         elif tag == "svg":
             self._plot = None
 
@@ -126,6 +131,25 @@ def test_report_holds_metrics_curves_and_every_image(tested: Path) -> None:
             wrong["fp" if judged else "fn"] += 1
     flagged = [c["class"].split()[1] for c in parser.cards]
     assert flagged.count("fp") == wrong["fp"] and flagged.count("fn") == wrong["fn"]
+
+
+def test_report_shows_the_verdicts_of_metrics_json(tested: Path) -> None:
+    """The confusion counts and rates in the page are those metrics.json records for the run."""
+    import re
+
+    summary = json.loads((tested / "metrics.json").read_text())
+    page = (tested / "report.html").read_text()
+    verdicts, calibration = summary["verdicts"], summary["calibration"]
+    assert calibration is not None and verdicts is not None
+    cells = dict(re.findall(r'data-cell="(\w+)">(\d+)<', page))
+    assert {k: int(v) for k, v in cells.items()} == {k: v for k, v in verdicts["counts"].items() if k != "errors"}
+    for key in ("false_alarms", "misses"):
+        entry = verdicts[key]
+        row = re.search(rf'<tr data-rate="{key}"[^>]*>(.*?)</tr>', page)
+        assert row is not None and f"{entry['count']} / {entry['n']}" in row.group(1)
+    assert page.count('data-type="') == len(verdicts["misses_by_type"])
+    label = re.search(r'<g class="threshold-label">(.*?)</g>', page)
+    assert label is not None and f"threshold ({calibration['rule']} " in label.group(1)
 
 
 @pytest.mark.skipif(

@@ -68,11 +68,3 @@ def test_unified_fit_and_per_category_test(two_categories: Path, tmp_path: Path,
     assert summary["mean_metrics"]["image_auroc"] == pytest.approx(sum(auroc) / 2)
     assert (run / "test" / "cap" / "report.html").is_file()
     assert "mean" in capsys.readouterr().out
-
-
-def test_labelled_defects_need_a_method_that_uses_them(
-    example_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
-    code = main(["fit", str(example_root), "--out", str(tmp_path / "r"), "--labelled-defects", "2"])
-    assert code == 2
-    assert "learns from good images only" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -12,6 +13,7 @@ from .data import ImageDataset, Sample, iterate_batches
 from .data.dataset import Batch
 from .methods.base import Detector, Prediction
 from .metrics import assess
+from .metrics.verdicts import verdict_summary
 from .records import Record
 
 #: Sees each batch with its prediction; may return the overlay path written for each image.
@@ -31,6 +33,8 @@ class Evaluation:
     images_per_second: float
     notes: list[str] = field(default_factory=list)
     curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    #: False alarms, misses and confusion counts at the threshold (:func:`verdict_summary`).
+    verdicts: dict[str, Any] | None = None
 
 
 def evaluate(
@@ -47,6 +51,7 @@ def evaluate(
     maps, masks, has_mask = [], [], []
     start = time.perf_counter()
     threshold = detector.calibration.threshold if detector.calibration else None
+    rule = detector.calibration.rule if detector.calibration else None
     for batch in iterate_batches(dataset, batch_size or detector.batch_size, desc="testing"):
         pred = detector.predict(batch["image"])
         written = on_batch(batch, pred) if on_batch is not None else None
@@ -64,6 +69,7 @@ def evaluate(
                 threshold,
                 label=int(batch["label"][i]),
                 defect_type=batch["defect_type"][i],
+                rule=rule,
             )
             record.overlay = written[i] if written else None
             records.append(record)
@@ -87,7 +93,10 @@ def evaluate(
         y, s, np.concatenate(masks), np.concatenate(maps), np.concatenate(has_mask), names
     )
     notes += metric_notes
-    if threshold is not None and y.size:
-        judged = np.array([r.verdict == "anomalous" for r in records if r.verdict != "error"], dtype=bool)
-        metrics["accuracy_at_threshold"] = float((judged == (y == 1)).mean())
-    return Evaluation(metrics, records, len(samples) / elapsed if elapsed > 0 else float("nan"), notes, curves)
+    verdicts = verdict_summary(records)
+    if verdicts is not None:
+        metrics["accuracy_at_threshold"] = verdicts["accuracy"]
+        metrics["false_alarm_rate"] = verdicts["false_alarms"]["rate"]
+        metrics["miss_rate"] = verdicts["misses"]["rate"]
+    speed = len(samples) / elapsed if elapsed > 0 else float("nan")
+    return Evaluation(metrics, records, speed, notes, curves, verdicts)

@@ -52,6 +52,8 @@ class Record:
     verdict: Verdict | None
     threshold: float | None
     max_pixel_score: float
+    #: The rule that set the threshold (``conformal``, ``mean_sigma``, ``recall``).
+    rule: str | None = None
     overlay: str | None = None
     label: int | None = None
     defect_type: str | None = None
@@ -68,6 +70,7 @@ class Record:
         *,
         label: int | None = None,
         defect_type: str | None = None,
+        rule: str | None = None,
     ) -> Record:
         verdict, reason = judge(score, threshold)
         normalized = score / threshold if threshold is not None and verdict != "error" else None
@@ -79,6 +82,7 @@ class Record:
             verdict,
             threshold,
             max_pixel_score,
+            rule=rule if threshold is not None else None,
             label=label,
             defect_type=defect_type,
             reason=reason,
@@ -126,4 +130,8 @@ def looks_like_records(text: str) -> bool:
             return False
         return isinstance(value, list) and bool(value) and all(isinstance(v, dict) and "verdict" in v for v in value)
     header = text.splitlines()[0] if text else ""
-    return header in (",".join(_columns(False)), ",".join(_columns(True)))
+    return header in [",".join(c) for c in (*_HEADERS_BEFORE, _columns(False), _columns(True))]
+
+
+#: CSV headers of earlier versions (before the ``rule`` column), still recognised as ours.
+_HEADERS_BEFORE = [[c for c in _columns(labelled) if c != "rule"] for labelled in (False, True)]

@@ -28,6 +28,32 @@ def non_negative_int(text: str) -> int:
     return _whole_number(text, 0)
 
 
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1 (a rate)."""
+    value = _number(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (e.g. 0.05), got {text}")
+    return value
+
+
+def sigmas(text: str) -> float:
+    """An argparse type: a number of standard deviations in [0, 10]."""
+    value = _number(text)
+    if not 0 <= value <= 10:
+        raise argparse.ArgumentTypeError(f"must be in [0, 10], got {text}")
+    return value
+
+
 def add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default="cpu", help="torch device: cpu (default) or cuda / cuda:N when a GPU exists"

@@ -6,7 +6,9 @@ import argparse
 import math
 from typing import Any
 
+from ..metrics.verdicts import describe_verdicts
 from ..runs import EvalResult, evaluate_run
+from ..thresholds import describe_calibration
 from .common import add_device, add_overwrite, exit_status, info, metrics_table, positive_int
 
 
@@ -18,6 +20,10 @@ def print_result(result: EvalResult) -> None:
         for note in part.notes:
             info(f"note: {note}")
         print(metrics_table(part.metrics))
+        if part.calibration is not None:
+            print(describe_calibration(part.calibration))
+        if part.verdicts is not None:
+            print("\n".join(describe_verdicts(part.verdicts)))
         print(
             f"{part.images_per_second:.1f} images/s; wrote {part.report}, {part.folder / 'metrics.json'}, "
             f"{part.folder / 'predictions.csv'}"

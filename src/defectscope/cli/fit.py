@@ -10,6 +10,7 @@ from ..errors import DefectscopeError
 from ..methods import METHODS
 from ..records import NO_THRESHOLD_NOTE
 from ..runs import fit_run
+from ..thresholds import chosen_rule
 from .common import add_device, add_overwrite, info, positive_int
 
 DEFAULT_METHOD = "patchcore"
@@ -23,6 +24,10 @@ ALIASES = {
     "epochs": "trained methods: number of training epochs",
     "time_budget": "trained methods: stop training after this many seconds (counted across resumes)",
     "coreset_ratio": "memory-bank methods: fraction of patches kept (default 0.1)",
+    "threshold_rule": "how held-out scores set the threshold: conformal (default), mean_sigma or recall",
+    "false_alarm_rate": "conformal rule: share of good images allowed to be judged anomalous (default 0.05)",
+    "target_recall": "recall rule (chosen by this flag): share of defects to catch, from held-out labelled defects",
+    "threshold_sigmas": "mean_sigma rule (chosen by this flag): threshold = mean + this many sd (default 3)",
 }
 
 
@@ -61,6 +66,12 @@ def method_params(method: str, sets: list[str], aliases: dict[str, str | None]) 
 def run(args: argparse.Namespace) -> int:
     aliases = {key: getattr(args, key) for key in ALIASES}
     params = method_params(args.method, args.set, aliases)
+    try:
+        rule = chosen_rule(params.get("threshold_rule"), params)
+    except ValueError as exc:
+        raise DefectscopeError(str(exc)) from None
+    if rule is not None:
+        params["threshold_rule"] = rule
     result = fit_run(
         args.data,
         args.out,
@@ -77,10 +88,11 @@ def run(args: argparse.Namespace) -> int:
     )
     if result.threshold is None:
         info(f"note: {NO_THRESHOLD_NOTE}")
-    threshold = f"{result.threshold:.4g}" if result.threshold is not None else "none (no held-out images)"
+    calibration = result.detector.calibration
+    threshold = calibration.describe() if calibration is not None else "threshold: none (no held-out images)"
     print(
-        f"fitted in {result.info.fit_seconds:.1f} s on {result.info.n_fit_images} images; threshold {threshold} "
-        f"from {result.info.n_calibration_images} held-out good images\nsaved to {result.folder}"
+        f"fitted in {result.info.fit_seconds:.1f} s on {result.info.n_fit_images} images; {threshold}\n"
+        f"saved to {result.folder}"
     )
     return 0
 
@@ -91,7 +103,9 @@ def add_parser(sub: Any) -> None:
         help="fit a detector on good images and save it to a run folder",
         description=textwrap.fill(
             "Fit a detector on the good images of DATA and save it (config.json + model.safetensors) to --out. "
-            "A held-out slice of the good images calibrates the decision threshold.",
+            "A held-out slice of the good images (--set calibration_fraction, default 0.1) sets the decision "
+            "threshold: by default the conformal rule for a false-alarm rate of 0.05 (--false-alarm-rate), which "
+            "bounds the share of good images judged anomalous; `defectscope calibrate` re-sets it later.",
             width=100,
         ),
         epilog=_params_epilog(),
@@ -126,9 +140,9 @@ def add_parser(sub: Any) -> None:
         "--labelled-defects",
         type=positive_int,
         metavar="K",
-        help="semi-supervised: also learn from K "
-        "defect images (with masks) per category, taken from --defects-from or else from the test split "
-        "(those are then left out of `test`)",
+        help="K labelled defect images (with masks) per category, taken from --defects-from or else from the "
+        "test split and then left out of `test`: methods that learn from defects (dmad) learn from them; the "
+        "others hold them out to measure the miss rate at the threshold (and set it, with --target-recall)",
     )
     fit.add_argument(
         "--defects-from",

@@ -24,7 +24,17 @@ from ..data import ImageDataset, Sample, iterate_batches
 from ..data.dataset import Batch
 from ..data.sources import training_samples
 from ..errors import DefectscopeError
-from ..postprocess import Calibration, calibrate
+from ..thresholds import (
+    DEFAULT_FALSE_ALARM_RATE,
+    DEFAULT_RULE,
+    DEFAULT_TARGET_RECALL,
+    RECALL,
+    Calibration,
+    ThresholdRule,
+    calibrate,
+    check_rule_setting,
+    defects_needed,
+)
 from .model_file import load, save_model  # noqa: F401  (load is re-exported)
 from .params import ParamSpec, check_at_least, check_finite, specs_of
 
@@ -77,6 +87,9 @@ class Detector(ABC, metaclass=_CheckedParams):
         image_size: int = 256,
         batch_size: int = 16,
         calibration_fraction: float = 0.1,
+        threshold_rule: ThresholdRule = DEFAULT_RULE,
+        false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
+        target_recall: float = DEFAULT_TARGET_RECALL,
         threshold_sigmas: float = 3.0,
         seed: int = 0,
     ) -> None:
@@ -84,16 +97,25 @@ class Detector(ABC, metaclass=_CheckedParams):
             raise DefectscopeError(f"image_size must be a multiple of 16 and at least 32, got {image_size}")
         check_at_least(1, batch_size=batch_size)
         check_at_least(0, seed=seed)
-        if threshold_sigmas < 0 or threshold_sigmas > 10:  # a huge one would call every image good
-            raise DefectscopeError(f"threshold_sigmas must be in [0, 10], got {threshold_sigmas}")
+        try:
+            check_rule_setting(threshold_rule, false_alarm_rate, threshold_sigmas, target_recall)
+        except ValueError as exc:
+            raise DefectscopeError(str(exc)) from None
         if not 0.0 <= calibration_fraction < 1.0:
             raise DefectscopeError(f"calibration_fraction must be in [0, 1), got {calibration_fraction}")
         self.image_size = image_size
         self.batch_size = batch_size
         self.calibration_fraction = calibration_fraction
+        self.threshold_rule = threshold_rule
+        self.false_alarm_rate = false_alarm_rate
+        self.target_recall = target_recall
         self.threshold_sigmas = threshold_sigmas
         self.seed = seed
         self.calibration: Calibration | None = None
+        #: Earlier calibrations replaced by ``defectscope calibrate``, newest last (``config.json``).
+        self.calibration_history: list[dict[str, Any]] = []
+        #: Images ``defectscope calibrate`` scored into the calibration; ``test`` leaves them out.
+        self.calibration_images: list[str] = []
         self.fit_info: dict[str, Any] = {}
         #: What the run layer recorded about the run that fitted this model (``config.json``'s ``run``).
         self.run_info: dict[str, Any] | None = None
@@ -189,20 +211,28 @@ class Detector(ABC, metaclass=_CheckedParams):
 
         ``data`` is a category folder (MVTec layout: its train/good is used), a folder of good
         images, an :class:`ImageDataset` or a list of :class:`Sample`; samples may come from
-        several categories (one unified model). ``defects`` are labelled defect samples (with
-        masks) for methods that use them (``uses_labelled_defects``); they are available to
-        ``_fit`` as ``self.labelled_defects``. Methods trained in epochs save their training
+        several categories (one unified model). ``defects`` are labelled defect samples: methods
+        that learn from them (``uses_labelled_defects``; masks needed) find them in
+        ``self.labelled_defects`` during ``_fit``; for the others they are held out, estimate the
+        miss rate at the threshold and serve the ``recall`` threshold rule. The threshold follows
+        ``threshold_rule`` (:mod:`defectscope.thresholds`). Methods trained in epochs save their training
         state in ``checkpoint_dir`` as they go and continue from it with ``resume=True``; the
         others ignore ``checkpoint_dir`` and refuse ``resume``.
         """
         self._start_run(None if checkpoint_dir is None else Path(checkpoint_dir), resume)
         samples = list(data.samples) if isinstance(data, ImageDataset) else training_samples(data)
         self.labelled_defects = list(defects or [])
-        if self.labelled_defects and not self.uses_labelled_defects:
-            raise DefectscopeError(f"{self.name} learns from good images only; it cannot use labelled defects")
-        bad = [s.path for s in self.labelled_defects if s.label != 1 or s.mask_path is None]
-        if bad:
-            raise DefectscopeError(f"{bad[0]}: labelled defects must be defect images with a ground-truth mask")
+        not_defects = [s.path for s in self.labelled_defects if s.label != 1]
+        if not_defects:
+            raise DefectscopeError(f"{not_defects[0]}: labelled defects must be defect images")
+        if self.uses_labelled_defects:
+            no_mask = [s.path for s in self.labelled_defects if s.mask_path is None]
+            if no_mask:
+                raise DefectscopeError(
+                    f"{no_mask[0]}: labelled defects {self.name} learns from need a ground-truth mask"
+                )
+        held_out_defects = [] if self.uses_labelled_defects else self.labelled_defects
+        self.check_threshold_rule(self.labelled_defects)
         fit_part, calib_part = split_calibration(samples, self.calibration_fraction, self.seed)
         torch.manual_seed(self.seed)
         start = time.perf_counter()
@@ -216,15 +246,52 @@ class Detector(ABC, metaclass=_CheckedParams):
         }
         self.calibration = None
         if calib_part:
-            scores = [
-                self.predict(batch["image"]).scores
-                for batch in iterate_batches(
-                    ImageDataset(calib_part, self.image_size), self.batch_size, desc="calibrating"
-                )
-            ]
-            self.calibration = calibrate(torch.cat(scores).numpy(), self.threshold_sigmas)
+            self.calibration = self.calibrate(
+                self.score_samples(calib_part, "calibrating"),
+                self.score_samples(held_out_defects, "scoring held-out defects"),
+            )
         self.fit_info["fit_seconds"] = round(time.perf_counter() - start, 3)
         return self
+
+    def check_threshold_rule(self, defects: list[Sample]) -> None:
+        """Refuse, before any fitting, a threshold rule that fitting with labelled ``defects`` cannot serve."""
+        if self.threshold_rule != RECALL:
+            return
+        n_defects = len(defects)
+        if self.uses_labelled_defects:
+            raise DefectscopeError(
+                f"threshold_rule recall: {self.name} learns from the labelled defects it is fitted with, so they "
+                "cannot also set its threshold; fit with another rule, then "
+                "`defectscope calibrate RUN --defects DIR --target-recall R` with defects it has not seen"
+            )
+        needed = defects_needed(self.target_recall)
+        if n_defects < needed:
+            raise DefectscopeError(
+                f"threshold_rule recall: a target recall of {self.target_recall:g} needs at least {needed} held-out "
+                f"labelled defects, got {n_defects} (give them with --labelled-defects, or lower --target-recall)"
+            )
+
+    def score_samples(self, samples: list[Sample], desc: str) -> np.ndarray:
+        """Image anomaly scores (float64) of ``samples``, read and resized as for fitting."""
+        if not samples:
+            return np.zeros(0)
+        dataset = ImageDataset(samples, self.image_size)
+        scores = [self.predict(batch["image"]).scores for batch in iterate_batches(dataset, self.batch_size, desc=desc)]
+        return torch.cat(scores).double().numpy()
+
+    def calibrate(self, good_scores: np.ndarray, defect_scores: np.ndarray | None = None) -> Calibration:
+        """The threshold of this detector's rule from held-out good (and defect) scores; one-line errors."""
+        try:
+            return calibrate(
+                good_scores,
+                rule=self.threshold_rule,
+                false_alarm_rate=self.false_alarm_rate,
+                sigmas=self.threshold_sigmas,
+                target_recall=self.target_recall,
+                defect_scores=() if defect_scores is None else defect_scores,
+            )
+        except ValueError as exc:
+            raise DefectscopeError(str(exc)) from None
 
     def _start_run(self, checkpoint_dir: Path | None, resume: bool) -> None:
         """Take the checkpoint folder and resume flag of a fit; only methods trained in epochs use them."""

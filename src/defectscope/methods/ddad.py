@@ -35,6 +35,7 @@ from torch import nn
 from ..errors import DefectscopeError
 from ..nn import diffusion as dm
 from ..nn.state import under_prefix, with_prefix
+from ..thresholds import DEFAULT_FALSE_ALARM_RATE, DEFAULT_RULE, DEFAULT_TARGET_RECALL, ThresholdRule
 from ..training import CachedImages, shuffled_batches
 from .diffusion_detector import DiffusionDetector, Distance
 from .params import base_params
@@ -75,6 +76,9 @@ class DDAD(DiffusionDetector):
         time_budget: float | None = 600.0,
         batch_size: int = 16,
         calibration_fraction: float = 0.1,
+        threshold_rule: ThresholdRule = DEFAULT_RULE,
+        false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
+        target_recall: float = DEFAULT_TARGET_RECALL,
         threshold_sigmas: float = 3.0,
         seed: int = 0,
     ) -> None:

@@ -38,6 +38,7 @@ from ..nn.blocks import EncoderDecoder
 from ..nn.losses import focal_loss, ssim_loss
 from ..nn.state import under_prefix, with_prefix
 from ..postprocess import gaussian_blur
+from ..thresholds import DEFAULT_FALSE_ALARM_RATE, DEFAULT_RULE, DEFAULT_TARGET_RECALL, ThresholdRule
 from ..training import CachedImages, shuffled_batches
 from .base import Prediction, fitted
 from .params import base_params, check_at_least
@@ -78,6 +79,9 @@ class DRAEM(TrainedDetector):
         score_window: int = 21,
         batch_size: int = 4,
         calibration_fraction: float = 0.1,
+        threshold_rule: ThresholdRule = DEFAULT_RULE,
+        false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
+        target_recall: float = DEFAULT_TARGET_RECALL,
         threshold_sigmas: float = 3.0,
         seed: int = 0,
     ) -> None:

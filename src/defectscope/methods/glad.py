@@ -45,6 +45,7 @@ from ..data.synth import PerlinTexture, SynthDataset
 from ..errors import DefectscopeError
 from ..nn import diffusion as dm
 from ..postprocess import gaussian_blur
+from ..thresholds import DEFAULT_FALSE_ALARM_RATE, DEFAULT_RULE, DEFAULT_TARGET_RECALL, ThresholdRule
 from ..training import CachedImages
 from .base import fitted
 from .diffusion_detector import DiffusionDetector, Distance
@@ -90,6 +91,9 @@ class GLAD(DiffusionDetector):
         time_budget: float | None = 600.0,
         batch_size: int = 16,
         calibration_fraction: float = 0.1,
+        threshold_rule: ThresholdRule = DEFAULT_RULE,
+        false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
+        target_recall: float = DEFAULT_TARGET_RECALL,
         threshold_sigmas: float = 3.0,
         seed: int = 0,
     ) -> None:

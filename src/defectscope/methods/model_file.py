@@ -41,7 +41,7 @@ from .. import __version__
 from ..checkpoint import sha256_file, write_safetensors
 from ..errors import DefectscopeError, ModelFileError
 from ..outputs import StagedFiles, json_safe, make_folder
-from ..postprocess import MEAN_SIGMA, Calibration
+from ..thresholds import CONFORMAL, MEAN_SIGMA, RECALL, RULES, Calibration
 
 if TYPE_CHECKING:
     from .base import Detector
@@ -65,7 +65,12 @@ REQUIRED_KEYS = (
     "fit_info",
     "tensors_sha256",
 )
-OPTIONAL_KEYS = ("run",)
+OPTIONAL_KEYS = ("run", "calibration_history", "calibration_images")
+#: Constructor parameters added after format 1 was fixed, with the value that models saved
+#: before them behaved by (filled in when such a model is read).
+ADDED_PARAMS: dict[str, Any] = {"threshold_rule": MEAN_SIGMA, "false_alarm_rate": 0.05, "target_recall": 0.95}
+#: The parameter holding each rule's setting, and the calibration field it must equal.
+_RULE_SETTING = {CONFORMAL: "false_alarm_rate", MEAN_SIGMA: "threshold_sigmas", RECALL: "target_recall"}
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,59}")
@@ -84,6 +89,38 @@ def save_model(detector: Detector, folder: str | os.PathLike) -> Path:
         raise DefectscopeError(f"{type(detector).__name__} is not fitted: nothing to save")
     folder = Path(folder)
     tensors = {k: v.detach().cpu().contiguous() for k, v in detector._state().items()}
+    config = _config_of(detector, "0" * 64)
+    where = f"{folder}: cannot save the {detector.name} model"
+    validate_config(config, where)
+    check_tensors_finite(tensors, where)
+    make_folder(folder, "the model")
+    with StagedFiles() as staged:
+        tmp_tensors = staged.stage_with(folder / TENSORS_FILE, lambda tmp: write_safetensors(tensors, tmp))
+        config["tensors_sha256"] = sha256_file(tmp_tensors)
+        staged.stage(folder / CONFIG_FILE, _config_text(config))
+        staged.commit()
+    return folder
+
+
+def save_calibration(detector: Detector, folder: str | os.PathLike) -> Path:
+    """Rewrite only ``folder/config.json`` with the detector's (new) calibration and parameters.
+
+    The tensors file must be the one the config on disk names (it is left untouched); the new
+    config is checked as :func:`load` checks it and replaces the old one atomically.
+    """
+    folder = Path(folder)
+    old = read_config(folder)
+    if sha256_file(folder / TENSORS_FILE) != old["tensors_sha256"]:
+        raise ModelFileError(f"{folder / TENSORS_FILE}: checksum does not match {CONFIG_FILE}; not changing it")
+    config = _config_of(detector, old["tensors_sha256"])
+    validate_config(config, f"{folder}: cannot save the new calibration")
+    with StagedFiles() as staged:
+        staged.stage(folder / CONFIG_FILE, _config_text(config))
+        staged.commit()
+    return folder
+
+
+def _config_of(detector: Detector, tensors_sha256: str) -> dict[str, Any]:
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -92,22 +129,21 @@ def save_model(detector: Detector, folder: str | os.PathLike) -> Path:
         "params": detector.get_params(),
         "calibration": detector.calibration.to_dict() if detector.calibration else None,
         "fit_info": detector.fit_info,
-        "tensors_sha256": "0" * 64,
+        "tensors_sha256": tensors_sha256,
         **detector._extra_config(),
     }
     run = getattr(detector, "run_info", None)
     if run is not None:
         config["run"] = run
-    where = f"{folder}: cannot save the {detector.name} model"
-    validate_config(config, where)
-    check_tensors_finite(tensors, where)
-    make_folder(folder, "the model")
-    with StagedFiles() as staged:
-        tmp_tensors = staged.stage_with(folder / TENSORS_FILE, lambda tmp: write_safetensors(tensors, tmp))
-        config["tensors_sha256"] = sha256_file(tmp_tensors)
-        staged.stage(folder / CONFIG_FILE, json.dumps(json_safe(config), indent=2, allow_nan=False) + "\n")
-        staged.commit()
-    return folder
+    if detector.calibration_history:
+        config["calibration_history"] = detector.calibration_history
+    if detector.calibration_images:
+        config["calibration_images"] = detector.calibration_images
+    return config
+
+
+def _config_text(config: dict[str, Any]) -> str:
+    return json.dumps(json_safe(config), indent=2, allow_nan=False) + "\n"
 
 
 # -- reading and checking -------------------------------------------------------------------------
@@ -176,6 +212,9 @@ def read_config(folder: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise ModelFileError(f"{path}: missing; is {folder} a folder written by `defectscope fit`?")
     config = read_json(path)
+    if isinstance(config, dict) and isinstance(config.get("params"), dict):
+        for key, value in ADDED_PARAMS.items():
+            config["params"].setdefault(key, value)
     validate_config(config, str(path))
     return config
 
@@ -232,10 +271,35 @@ def validate_config(config: Any, where: str) -> None:
             parsed = Calibration.from_dict(calibration, nonnegative_scores=METHODS[method].nonnegative_scores)
         except (TypeError, ValueError) as exc:
             fail(str(exc))
-        if parsed.rule == MEAN_SIGMA and parsed.sigmas != params.get("threshold_sigmas", parsed.sigmas):
-            fail(
-                f"calibration.sigmas {parsed.sigmas} differs from params.threshold_sigmas {params['threshold_sigmas']}"
-            )
+        if parsed.rule != params.get("threshold_rule"):
+            rule = _short(params.get("threshold_rule"))
+            fail(f"calibration.rule {parsed.rule} differs from params.threshold_rule {rule}")
+        name = _RULE_SETTING[parsed.rule]
+        stored = getattr(parsed, "sigmas" if name == "threshold_sigmas" else name)
+        if stored != params.get(name):
+            field = "sigmas" if name == "threshold_sigmas" else name
+            fail(f"calibration.{field} {stored} differs from params.{name} {_short(params.get(name))}")
+    if "calibration_history" in config:
+        _check_history(config["calibration_history"], fail)
+    images = config.get("calibration_images", [])
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        fail(f"calibration_images must be a list of paths, got {_short(images)}")
+
+
+def _check_history(history: Any, fail: Callable[[str], NoReturn]) -> None:
+    """Earlier calibrations, newest last: each with its rule, threshold and when it was replaced."""
+    if not isinstance(history, list):
+        fail(f"calibration_history must be a list, got {_short(history)}")
+    for i, entry in enumerate(history):
+        if not isinstance(entry, dict):
+            fail(f"calibration_history[{i}] must be an object, got {_short(entry)}")
+        if entry.get("rule") not in RULES:
+            fail(f"calibration_history[{i}].rule: unknown threshold rule {_short(entry.get('rule'))}")
+        threshold = entry.get("threshold")
+        if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not math.isfinite(threshold):
+            fail(f"calibration_history[{i}].threshold must be a finite number, got {_short(threshold)}")
+        if not isinstance(entry.get("replaced"), str):
+            fail(f"calibration_history[{i}].replaced must be a date string, got {_short(entry.get('replaced'))}")
 
 
 def _extra_keys(cls: type[Detector]) -> dict[str, type]:
@@ -378,4 +442,6 @@ def load(folder: str | os.PathLike) -> Detector:
         else None
     )
     detector.run_info = config.get("run")  # read by the run layer
+    detector.calibration_history = list(config.get("calibration_history", []))
+    detector.calibration_images = list(config.get("calibration_images", []))
     return detector

@@ -18,6 +18,7 @@ from ..errors import DefectscopeError
 from ..nn.embedding import patch_embedding
 from ..nn.gaussian import StreamingGaussian, mahalanobis
 from ..postprocess import anomaly_maps
+from ..thresholds import DEFAULT_FALSE_ALARM_RATE, DEFAULT_RULE, DEFAULT_TARGET_RECALL, ThresholdRule
 from .backbone_detector import BackboneDetector
 from .base import Prediction, fitted
 from .params import base_params
@@ -41,6 +42,9 @@ class PaDiM(BackboneDetector):
         blur_sigma: float = 4.0,
         batch_size: int = 16,
         calibration_fraction: float = 0.1,
+        threshold_rule: ThresholdRule = DEFAULT_RULE,
+        false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
+        target_recall: float = DEFAULT_TARGET_RECALL,
         threshold_sigmas: float = 3.0,
         seed: int = 0,
     ) -> None:

@@ -40,6 +40,7 @@ from ..nn.distillation import (
 )
 from ..nn.state import under_prefix, with_prefix
 from ..postprocess import anomaly_maps
+from ..thresholds import DEFAULT_FALSE_ALARM_RATE, DEFAULT_RULE, DEFAULT_TARGET_RECALL, ThresholdRule
 from .base import Prediction, fitted
 from .distillation import DistillationDetector
 from .params import base_params
@@ -146,6 +147,9 @@ class ReverseDistillation(DistillationDetector):
         time_budget: float | None = None,
         batch_size: int = 16,
         calibration_fraction: float = 0.1,
+        threshold_rule: ThresholdRule = DEFAULT_RULE,
+        false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
+        target_recall: float = DEFAULT_TARGET_RECALL,
         threshold_sigmas: float = 3.0,
         seed: int = 0,
     ) -> None:

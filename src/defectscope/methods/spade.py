@@ -16,6 +16,7 @@ from ..errors import DefectscopeError
 from ..nn.embedding import patch_embedding
 from ..nn.knn import NearestNeighbors
 from ..postprocess import anomaly_maps
+from ..thresholds import DEFAULT_FALSE_ALARM_RATE, DEFAULT_RULE, DEFAULT_TARGET_RECALL, ThresholdRule
 from .backbone_detector import BackboneDetector
 from .base import Prediction, fitted
 from .params import base_params, check_choice
@@ -40,6 +41,9 @@ class SPADE(BackboneDetector):
         blur_sigma: float = 4.0,
         batch_size: int = 16,
         calibration_fraction: float = 0.1,
+        threshold_rule: ThresholdRule = DEFAULT_RULE,
+        false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
+        target_recall: float = DEFAULT_TARGET_RECALL,
         threshold_sigmas: float = 3.0,
         seed: int = 0,
     ) -> None:

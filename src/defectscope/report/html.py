@@ -1,13 +1,13 @@
-"""The HTML test report: one self-contained page with metrics, curves, a score histogram and every image.
+"""The HTML test report: one self-contained page with the verdicts at the threshold, metrics, curves,
+a score histogram and every image.
 
-Plots are inline SVG drawn here (no plotting dependency); images are linked from the sibling
-``overlays/`` folder that ``defectscope test`` writes, so the page and that folder travel together.
+The verdicts section comes from :mod:`.verdicts` and the plots, inline SVG, from :mod:`.plots` (no
+plotting dependency); images are linked from the sibling ``overlays/`` folder that ``defectscope test``
+writes, so the page and that folder travel together.
 """
 
 from __future__ import annotations
 
-import html
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,9 +16,11 @@ import numpy as np
 
 from ..outputs import atomic_write
 from ..records import Record
+from .plots import histogram, line_plot
+from .text import esc, fmt
+from .verdicts import threshold_label, verdicts_section
 
 REPORT_FILE = "report.html"
-_GOOD, _BAD, _LINE, _THRESHOLD = "#2a7ab0", "#d0452f", "#222222", "#e08a00"
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px; color: #222; background: #fff; }
@@ -36,6 +38,13 @@ table.metrics { border-collapse: collapse; } table.metrics td, table.metrics th 
 .card.fp, .card.fn, .card.error { border-color: #d0452f; background: #fdf0ed; }
 .flag { color: #d0452f; font-weight: bold; }
 .name { overflow-wrap: anywhere; }
+.rule { margin: 2px 0 4px; max-width: 960px; }
+.note { border-left: 4px solid #e08a00; background: #fff6e6; padding: 4px 10px; margin: 6px 0; max-width: 940px; }
+.tables { display: flex; flex-wrap: wrap; gap: 10px 36px; align-items: flex-start; margin-top: 8px; }
+table.metrics caption { text-align: left; font-weight: bold; padding: 0 0 4px 12px; }
+table.metrics th.row { font-weight: normal; } table.metrics td.sub { padding-left: 30px; }
+table.metrics tr.over td, table.metrics td.wrong { color: #d0452f; font-weight: bold; }
+.small { color: #555; font-size: 13px; }
 """
 
 
@@ -77,7 +86,7 @@ def write_report(
         f"data: {summary.get('data', '')}",
         f"{len(records)} images: {sum(r.label == 0 for r in records)} good, "
         f"{sum(r.label == 1 for r in records)} defective",
-        f"threshold: {_fmt(threshold) if threshold is not None else 'none (model not calibrated)'}",
+        f"threshold: {fmt(threshold) if threshold is not None else 'none (model not calibrated)'}",
         f"{summary.get('images_per_second', float('nan'))} images/s",
     ]
     if threshold is not None:
@@ -89,12 +98,13 @@ def write_report(
         )
     facts += [f"note: {note}" for note in summary.get("notes", [])]
     plots = [
-        _line_plot(title, xlabel, ylabel, curves[key], (0.0, x_max), summary["metrics"].get(metric), area)
+        line_plot(title, xlabel, ylabel, curves[key], (0.0, x_max), summary["metrics"].get(metric), area)
         for key, title, xlabel, ylabel, x_max, metric, area in _CURVES
         if key in curves
     ]
     if scores.size:
-        plots.append(_histogram(scores, labels, threshold))
+        label = threshold_label(summary.get("calibration"), summary.get("verdicts"))
+        plots.append(histogram(scores, labels, threshold, label))
     cards = [_card(r, with_images, with_reconstructions) for r in [*errors, *sorted(judged, key=lambda r: -r.score)]]
     layout = (
         "Left: input. Middle: the model's reconstruction (what the part should look like). Right: anomaly map"
@@ -104,10 +114,11 @@ def write_report(
     page = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>defectscope report: {_esc(summary.get('run', ''))}</title>",
+        f"<title>defectscope report: {esc(summary.get('run', ''))}</title>",
         f"<style>{_STYLE}</style></head><body>",
         "<h1>defectscope test report</h1>",
-        *(f'<p class="facts">{_esc(f)}</p>' for f in facts),
+        *(f'<p class="facts">{esc(f)}</p>' for f in facts),
+        *verdicts_section(summary),
         "<h2>Metrics</h2>",
         _metrics_table(summary["metrics"]),
         "<h2>Curves and scores</h2>",
@@ -128,14 +139,6 @@ def write_report(
     return path
 
 
-def _esc(value: object) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None or not math.isfinite(value) else f"{value:.4f}"
-
-
 def _flag(record: Record) -> str | None:
     """'fp' / 'fn' where the verdict contradicts the label, 'error' where there is none to trust."""
     if record.verdict == "error":
@@ -147,7 +150,7 @@ def _flag(record: Record) -> str | None:
 
 
 def _metrics_table(metrics: dict[str, float]) -> str:
-    rows = "".join(f'<tr><td>{_esc(k)}</td><td class="value">{_fmt(v)}</td></tr>' for k, v in metrics.items())
+    rows = "".join(f'<tr><td>{esc(k)}</td><td class="value">{fmt(v)}</td></tr>' for k, v in metrics.items())
     return f'<table class="metrics" id="metrics"><tr><th>metric</th><th>value</th></tr>{rows}</table>'
 
 
@@ -160,147 +163,19 @@ def _card(record: Record, with_images: bool, with_reconstructions: bool = False)
     if with_images and record.overlay:
         stem = Path(record.overlay).stem
         images = (
-            f'<img src="overlays/inputs/{_esc(stem)}.jpg" alt="input {_esc(name)}" loading="lazy">'
+            f'<img src="overlays/inputs/{esc(stem)}.jpg" alt="input {esc(name)}" loading="lazy">'
             + (
-                f'<img src="overlays/reconstructions/{_esc(stem)}.jpg" alt="reconstruction {_esc(name)}" '
-                'loading="lazy">'
+                f'<img src="overlays/reconstructions/{esc(stem)}.jpg" alt="reconstruction {esc(name)}" loading="lazy">'
                 if with_reconstructions
                 else ""
             )
-            + f'<img src="{_esc(record.overlay)}" alt="anomaly map {_esc(name)}" loading="lazy">'
+            + f'<img src="{esc(record.overlay)}" alt="anomaly map {esc(name)}" loading="lazy">'
         )
     wide = " wide" if with_images and with_reconstructions else ""
     return (
         f'<div class="card {flag or "ok"}{wide}" data-score="{record.score:.6g}" data-label="{record.label}">'
-        f'{images}<div class="name">{_esc(name)}</div>'
-        f"<div>score {record.score:.4g} &middot; verdict {_esc(verdict_text)}"
-        + (f' &middot; <span class="flag">{_esc(flag_text)}</span>' if flag_text else "")
+        f'{images}<div class="name">{esc(name)}</div>'
+        f"<div>score {record.score:.4g} &middot; verdict {esc(verdict_text)}"
+        + (f' &middot; <span class="flag">{esc(flag_text)}</span>' if flag_text else "")
         + "</div></div>"
     )
-
-
-# -- SVG plots ---------------------------------------------------------------------------------
-_W, _H, _LEFT, _RIGHT, _TOP, _BOTTOM = 360, 300, 52, 14, 30, 44
-
-
-def _ticks(low: float, high: float, n: int = 5) -> list[float]:
-    """About ``n`` round tick values covering [low, high]."""
-    span = high - low if high > low else 1.0
-    raw = span / n
-    step = 10 ** math.floor(math.log10(raw))
-    step *= next(m for m in (1, 2, 2.5, 5, 10) if m * step >= raw)
-    first = math.ceil(low / step - 1e-9) * step
-    return [first + i * step for i in range(int((high - first) / step + 1e-9) + 1)]
-
-
-class _Frame:
-    """Axes of one plot: maps data coordinates to SVG pixels and draws the frame, grid and labels."""
-
-    def __init__(self, x_range: tuple[float, float], y_range: tuple[float, float]) -> None:
-        self.x0, self.x1 = x_range
-        self.y0, self.y1 = y_range
-
-    def px(self, x: float) -> float:
-        return _LEFT + (x - self.x0) / (self.x1 - self.x0) * (_W - _LEFT - _RIGHT)
-
-    def py(self, y: float) -> float:
-        return _H - _BOTTOM - (y - self.y0) / (self.y1 - self.y0) * (_H - _TOP - _BOTTOM)
-
-    def axes(self, title: str, xlabel: str, ylabel: str) -> list[str]:
-        parts = [
-            f'<text x="{_W / 2}" y="18" text-anchor="middle" font-size="14" font-weight="bold">{_esc(title)}</text>'
-        ]
-        for t in _ticks(self.x0, self.x1):
-            x = self.px(t)
-            parts.append(
-                f'<line x1="{x:.1f}" y1="{_TOP}" x2="{x:.1f}" y2="{_H - _BOTTOM}" stroke="#eee"/>'
-                f'<text x="{x:.1f}" y="{_H - _BOTTOM + 14}" text-anchor="middle" font-size="10">'
-                f"{t:.3g}</text>"
-            )
-        for t in _ticks(self.y0, self.y1):
-            y = self.py(t)
-            parts.append(
-                f'<line x1="{_LEFT}" y1="{y:.1f}" x2="{_W - _RIGHT}" y2="{y:.1f}" stroke="#eee"/>'
-                f'<text x="{_LEFT - 4}" y="{y + 3:.1f}" text-anchor="end" font-size="10">{t:.3g}</text>'
-            )
-        parts.append(
-            f'<rect x="{_LEFT}" y="{_TOP}" width="{_W - _LEFT - _RIGHT}" height="{_H - _TOP - _BOTTOM}" '
-            'fill="none" stroke="#888"/>'
-        )
-        parts.append(
-            f'<text x="{(_LEFT + _W - _RIGHT) / 2}" y="{_H - 8}" text-anchor="middle" font-size="12">'
-            f"{_esc(xlabel)}</text>"
-        )
-        parts.append(
-            f'<text transform="translate(14 {(_TOP + _H - _BOTTOM) / 2}) rotate(-90)" text-anchor="middle" '
-            f'font-size="12">{_esc(ylabel)}</text>'
-        )
-        return parts
-
-
-def _svg(kind: str, parts: list[str]) -> str:
-    return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" data-plot="{kind}" width="{_W}" height="{_H}" '
-        f'viewBox="0 0 {_W} {_H}" font-family="sans-serif">' + "".join(parts) + "</svg>"
-    )
-
-
-def _line_plot(
-    title: str,
-    xlabel: str,
-    ylabel: str,
-    curve: tuple[np.ndarray, np.ndarray],
-    x_range: tuple[float, float],
-    area: float | None,
-    area_name: str,
-) -> str:
-    frame = _Frame(x_range, (0.0, 1.0))
-    x, y = curve
-    points = " ".join(f"{frame.px(a):.1f},{frame.py(b):.1f}" for a, b in zip(x, y))
-    parts = frame.axes(title, xlabel, ylabel)
-    parts.append(f'<polyline points="{points}" fill="none" stroke="{_LINE}" stroke-width="2"/>')
-    if area is not None:
-        parts.append(
-            f'<text x="{_W - _RIGHT - 6}" y="{_H - _BOTTOM - 8}" text-anchor="end" font-size="12">'
-            f"{area_name} {_fmt(area)}</text>"
-        )
-    return _svg(area_name.lower(), parts)
-
-
-def _histogram(scores: np.ndarray, labels: np.ndarray, threshold: float | None, n_bins: int = 24) -> str:
-    """Overlaid score histograms of good and defective images, with the threshold as a dashed line."""
-    values = np.append(scores, threshold) if threshold is not None else scores
-    low, high = float(values.min()), float(values.max())
-    if high <= low:
-        low, high = low - 0.5, high + 0.5
-    edges = np.linspace(low, high, n_bins + 1)
-    good = np.histogram(scores[labels == 0], edges)[0]
-    bad = np.histogram(scores[labels == 1], edges)[0]
-    frame = _Frame((low, high), (0.0, float(max(5, good.max(initial=0), bad.max(initial=0)))))
-    parts = frame.axes("Image scores", "anomaly score", "images")
-    base = frame.py(0.0)
-    for counts, colour in ((good, _GOOD), (bad, _BAD)):
-        for left, right, count in zip(edges[:-1], edges[1:], counts):
-            if count:
-                top, x0 = frame.py(float(count)), frame.px(left)
-                parts.append(
-                    f'<rect x="{x0:.1f}" y="{top:.1f}" width="{frame.px(right) - x0:.1f}" '
-                    f'height="{base - top:.1f}" fill="{colour}" fill-opacity="0.55"/>'
-                )
-    if threshold is not None:
-        x = frame.px(threshold)
-        left_of_line = x > _W / 2
-        parts.append(
-            f'<line x1="{x:.1f}" y1="{_TOP}" x2="{x:.1f}" y2="{base:.1f}" stroke="{_THRESHOLD}" '
-            'stroke-width="2" stroke-dasharray="5,3"/>'
-            f'<text x="{x - 4 if left_of_line else x + 4:.1f}" y="{_TOP + 12}" font-size="11" '
-            f'text-anchor="{"end" if left_of_line else "start"}" fill="{_THRESHOLD}">threshold</text>'
-        )
-    legend_y = _H - 17
-    parts.append(
-        f'<rect x="8" y="{legend_y}" width="10" height="10" fill="{_GOOD}" fill-opacity="0.55"/>'
-        f'<text x="21" y="{legend_y + 9}" font-size="11">good</text>'
-        f'<rect x="54" y="{legend_y}" width="10" height="10" fill="{_BAD}" fill-opacity="0.55"/>'
-        f'<text x="67" y="{legend_y + 9}" font-size="11">defective</text>'
-    )
-    return _svg("histogram", parts)

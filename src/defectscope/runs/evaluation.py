@@ -12,6 +12,7 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -43,6 +44,10 @@ class CategoryResult:
     images_per_second: float
     threshold: float | None
     report: Path
+    #: The threshold's rule and bound (:meth:`Calibration.summary`); None without a threshold.
+    calibration: dict[str, Any] | None = None
+    #: False alarms, misses and confusion counts at the threshold (:func:`verdict_summary`).
+    verdicts: dict[str, Any] | None = None
 
     @property
     def n_errors(self) -> int:
@@ -94,15 +99,21 @@ def dirs_to_test(
     return fitted
 
 
-def _without_training_defects(samples: list[Sample], info: RunInfo | None) -> tuple[list[Sample], list[str]]:
-    used = {os.path.realpath(p) for p in (info.labelled_defects if info else [])}
-    kept = [s for s in samples if os.path.realpath(s.path) not in used]
-    dropped = len(samples) - len(kept)
-    notes = (
-        [f"{dropped} labelled defect image(s) the model was fitted with are left out of this evaluation"]
-        if dropped
-        else []
-    )
+def _without_model_images(
+    samples: list[Sample], info: RunInfo | None, calibration_images: list[str]
+) -> tuple[list[Sample], list[str]]:
+    """``samples`` without the labelled defects the model was fitted with and the images that set its threshold."""
+    learnt = {os.path.realpath(p) for p in (info.labelled_defects if info else [])}
+    calibrated = {os.path.realpath(p) for p in calibration_images} - learnt
+    kept, notes = samples, []
+    for used, text in (
+        (learnt, "labelled defect image(s) the model was fitted with"),
+        (calibrated, "image(s) that `defectscope calibrate` scored into the threshold"),
+    ):
+        before = len(kept)
+        kept = [s for s in kept if os.path.realpath(s.path) not in used]
+        if len(kept) < before:
+            notes.append(f"{before - len(kept)} {text} are left out of this evaluation")
     return kept, notes
 
 
@@ -176,6 +187,7 @@ def _evaluate_one(
     try:
         result = evaluate(detector, samples, batch_size, on_batch=writer)
         notes = notes + result.notes + ([NO_THRESHOLD_NOTE] if threshold is None else [])
+        calibration = detector.calibration.summary() if detector.calibration else None
         summary = {
             "run": run,
             "data": source,
@@ -184,7 +196,9 @@ def _evaluate_one(
             "n_errors": sum(r.verdict == "error" for r in result.records),
             "images_per_second": round(result.images_per_second, 2),
             "threshold": threshold,
+            "calibration": calibration,
             "metrics": result.metrics,
+            "verdicts": result.verdicts,
             "notes": notes,
         }
         with StagedFiles() as staged:  # the three files replace earlier ones together, or not at all
@@ -203,7 +217,17 @@ def _evaluate_one(
                 writer.commit()
             staged.commit()
         return CategoryResult(
-            name, source, folder, result.records, result.metrics, notes, result.images_per_second, threshold, report
+            name,
+            source,
+            folder,
+            result.records,
+            result.metrics,
+            notes,
+            result.images_per_second,
+            threshold,
+            report,
+            calibration,
+            result.verdicts,
         )
     finally:
         if writer is not None:
@@ -256,9 +280,9 @@ def evaluate_run(
     prepare_output_dir(folder, overwrite=overwrite, what="test results")
     parts = []
     for name, source, samples in sets:
-        kept, notes = _without_training_defects(samples, info)
+        kept, notes = _without_model_images(samples, info, detector.calibration_images)
         if not kept:
-            raise DataError(f"{source}: no test images left once the model's labelled defects are left out")
+            raise DataError(f"{source}: no test images left once the images the model has seen are left out")
         sub = folder / name if name else folder
         if name:
             prepare_output_dir(sub, overwrite=overwrite, what="test results")

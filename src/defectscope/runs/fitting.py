@@ -66,8 +66,9 @@ def fit_run(
 
     ``data`` is a category folder, a root with ``category`` / ``categories`` ("all" or "a,b"),
     a folder of good images, or several of these for one unified model. ``labelled_defects`` K
-    defect images with masks per category (from ``defects_from``, else the test split) are
-    given to methods that use them. ``out`` must be new, empty or an earlier run folder; one
+    defect images per category (from ``defects_from``, else the test split) are given to
+    methods that learn from them, and held out to measure the miss rate (and serve the recall
+    threshold rule) by the others. ``out`` must be new, empty or an earlier run folder; one
     that already holds a fitted model is replaced only with ``overwrite``. Everything is checked
     before the fitting starts; ``log`` receives progress sentences.
     """
@@ -75,16 +76,12 @@ def fit_run(
     detector = build_detector(method, params).to(device)
     if resume and not isinstance(detector, TrainedDetector):
         raise DefectscopeError(f"--resume: {method} is not trained in epochs, there is nothing to resume")
-    if labelled_defects and not detector.uses_labelled_defects:
-        users = ", ".join(name for name, cls in METHODS.items() if cls.uses_labelled_defects)
-        raise DefectscopeError(
-            f"--labelled-defects: {method} learns from good images only (methods that use labelled defects: {users})"
-        )
     category_dirs = resolve_categories(folders, category, categories)
     samples = [s for d in category_dirs for s in training_samples(d)]
     defects = (
         pick_labelled_defects(category_dirs, labelled_defects, detector.seed, defects_from) if labelled_defects else []
     )
+    detector.check_threshold_rule(defects)
     detector.preflight()
     folder = Path(out)
     if _holds_model(folder) and not (overwrite or resume):
@@ -94,13 +91,22 @@ def fit_run(
     prepare_output_dir(folder, overwrite=overwrite, what="run", allow=_holds_model)
     if defects:
         origin = defects_from or "each category's test split"
+        use = (
+            "to learn from"
+            if detector.uses_labelled_defects
+            else "held out to measure the miss rate at the threshold"
+            + (" and set it" if detector.threshold_rule == "recall" else "")
+        )
         log(
-            f"using {labelled_defects} labelled defect image(s) per category from {origin}; "
+            f"using {labelled_defects} labelled defect image(s) per category from {origin} {use}; "
             "`defectscope test` leaves them out of the evaluation"
         )
     where = ", ".join(str(d) for d in category_dirs)
     log(f"fitting {detector!r}\n  on {len(samples)} good images from {where}")
     detector.fit(samples, defects=defects, checkpoint_dir=folder / "checkpoint", resume=resume)
+    if detector.calibration is not None:
+        for note in detector.calibration.notes:
+            log(f"note: {note}")
     # Absolute but not resolved: category names are folder names, also when those are symlinks.
     info = RunInfo.of(detector, [Path(os.path.abspath(d)) for d in category_dirs])
     detector.run_info = info.to_dict()

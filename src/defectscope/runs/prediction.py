@@ -97,6 +97,7 @@ def predict_run(
     folder = prepare_output_dir(heatmaps, overwrite=overwrite, what="heat maps") if heatmaps is not None else None
     names = dict(zip((str(s.path) for s in samples), unique_names([str(s.path) for s in samples])))
     threshold = detector.calibration.threshold if detector.calibration else None
+    rule = detector.calibration.rule if detector.calibration else None
     by_path = {str(s.path): s for s in samples}
     records: list[Record] = []
     for batch in iterate_batches(
@@ -105,7 +106,7 @@ def predict_run(
         pred = detector.predict(batch["image"])
         for i, path in enumerate(batch["path"]):
             category = by_path[path].category or None
-            record = Record.of(path, category, float(pred.scores[i]), float(pred.maps[i].max()), threshold)
+            record = Record.of(path, category, float(pred.scores[i]), float(pred.maps[i].max()), threshold, rule=rule)
             if folder is not None:
                 target = folder / f"{names[path]}_heatmap.png"
                 atomic_save_image(
