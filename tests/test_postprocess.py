@@ -23,5 +23,3 @@ def test_anomaly_maps_upsample_and_keep_peak_location() -> None:
     assert maps.shape == (1, 64, 64)
     y, x = np.unravel_index(int(maps[0].argmax()), (64, 64))
     assert abs(y - (2 * 8 + 4)) <= 2 and abs(x - (5 * 8 + 4)) <= 2
-
-

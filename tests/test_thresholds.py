@@ -158,3 +158,16 @@ def test_tampered_conformal_calibration_is_refused(edit, needle: str) -> None:
 def test_non_finite_held_out_scores_refuse_calibration() -> None:
     with pytest.raises(ValueError, match="1 score.* not finite"):
         calibrate([1.0, float("inf"), 2.0])
+
+
+def test_false_alarm_range_covers_the_rate_of_each_calibration_set() -> None:
+    """With uniform scores the true false-alarm rate of a threshold t is 1 - t: about 95 % of
+    calibration sets must have it inside their stated range."""
+    rng = np.random.default_rng(2)
+    inside = []
+    for _ in range(2000):
+        cal = calibrate(rng.uniform(size=60), rule="conformal", false_alarm_rate=0.1)
+        low, high = cal.false_alarm_range
+        inside.append(low <= 1 - cal.threshold <= high)
+    assert 0.93 <= float(np.mean(inside)) <= 0.97
+    assert "95% range for this calibration" in cal.describe()

@@ -140,6 +140,20 @@ class Calibration:
         return (self.n_images + 1 - self.n_below) / (self.n_images + 1)
 
     @property
+    def false_alarm_range(self) -> tuple[float, float]:
+        """Where the false-alarm rate of this one calibration lies with 95 % probability.
+
+        The bound is an average over calibration sets; for exchangeable continuous scores the rate
+        of a given set with k of n held-out scores at or below the threshold is Beta(n + 1 - k, k)
+        distributed, so few held-out images leave a wide range around the bound.
+        """
+        k, n = self.n_below, self.n_images
+        if k == 0:
+            return (1.0, 1.0)
+        tail = (1.0 - CONFIDENCE) / 2
+        return (float(beta.ppf(tail, n + 1 - k, k)), float(beta.ppf(1 - tail, n + 1 - k, k)))
+
+    @property
     def held_out_false_alarms(self) -> RateEstimate | None:
         """Held-out good images above the threshold, for a rule that did not set it from them."""
         if self.rule != RECALL or self.good_scores is None:
@@ -172,6 +186,7 @@ class Calibration:
             "threshold": self.threshold,
             "n_held_out_good": self.n_images,
             "false_alarm_bound": self.false_alarm_bound,
+            "false_alarm_range": list(self.false_alarm_range),
         }
         for key in ("false_alarm_rate", "sigmas", "target_recall"):
             if getattr(self, key) is not None:
@@ -305,6 +320,9 @@ def describe_calibration(summary: dict[str, Any]) -> str:
         f"threshold {summary['threshold']:.4g} ({rule}: {setting}; {summary['n_held_out_good']} held-out good "
         f"images): false alarms expected <= {summary['false_alarm_bound']:.1%}"
     )
+    if "false_alarm_range" in summary:
+        low, high = summary["false_alarm_range"]
+        text += f" (95% range for this calibration {low:.1%}-{high:.1%})"
     if "miss_bound" in summary:
         text += f", misses expected <= {summary['miss_bound']:.1%}"
     for key, what in (("miss", "held-out defects missed"), ("held_out_false_alarms", "held-out good flagged")):

@@ -9,13 +9,15 @@ warnings never reach the user.
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from numbers import Integral
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -128,9 +130,16 @@ def _open(path: Path, what: str, draft_to: int | None = None) -> tuple[Image.Ima
         raise DataError(f"{path}: {what} path is not a file")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: {what} file is empty (0 bytes)")
+    return _open_stream(lambda: open(path, "rb"), path, what, draft_to)
+
+
+def _open_stream(
+    opener: Callable[[], BinaryIO], path: str | Path, what: str, draft_to: int | None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """The decoding half of :func:`_open` for any binary stream; ``path`` names it in errors."""
     limit = max_image_pixels()
     try:
-        with open(path, "rb") as file:
+        with opener() as file:
             with _pillow_quietly():
                 img = Image.open(file)
             return _decode(img, path, what, draft_to, limit)
@@ -145,7 +154,7 @@ def _open(path: Path, what: str, draft_to: int | None = None) -> tuple[Image.Ima
 
 
 def _decode(
-    img: Image.Image, path: Path, what: str, draft_to: int | None, limit: int
+    img: Image.Image, path: str | Path, what: str, draft_to: int | None, limit: int
 ) -> tuple[Image.Image, tuple[int, int]]:
     """Check the header of an opened image, then decode and orient its pixels (see :func:`_open`)."""
     width, height = full_size = img.size
@@ -191,7 +200,18 @@ def read_image(path: str | os.PathLike[str], draft_to: int | None = None) -> tup
     return _to_rgb(img, path), full_size
 
 
-def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
+def read_image_bytes(data: bytes, name: str, draft_to: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """:func:`read_image` for an image held in memory (an upload); ``name`` stands for the file in errors.
+
+    The same limits and the same one-line :class:`DataError` messages as for a file.
+    """
+    if not data:
+        raise DataError(f"{name}: image file is empty (0 bytes)")
+    img, full_size = _open_stream(lambda: io.BytesIO(data), name, "image", draft_to)
+    return _to_rgb(img, name), full_size
+
+
+def _to_rgb(img: Image.Image, path: str | Path) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB, scaling high bit depths instead of clipping them."""
     if img.mode == "RGB":
         return img

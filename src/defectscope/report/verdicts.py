@@ -23,8 +23,14 @@ def _rule_in_words(calibration: dict[str, Any]) -> str:
     n_good = calibration.get("n_held_out_good", 0)
     flagged = (
         f"new good images like the {n_good} held-out ones should be flagged at most "
-        f"{pct(calibration.get('false_alarm_bound'))} of the time"
+        f"{pct(calibration.get('false_alarm_bound'))} of the time on average"
     )
+    if "false_alarm_range" in calibration:
+        low, high = calibration["false_alarm_range"]
+        flagged += (
+            f" (with this many held-out images, the rate of this one calibration lies between {pct(low)} and "
+            f"{pct(high)} with 95 % probability)"
+        )
     if rule == CONFORMAL:
         return (
             f"Conformal rule: the threshold was set from the scores of {n_good} held-out good images (not "
