@@ -20,10 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,6 +34,8 @@ from typing import Any
 import httpx
 import numpy as np
 
+import common
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "serve.json"
 EXAMPLE = REPO / "examples" / "bottle_small"
@@ -47,74 +46,33 @@ TARGET_TAIL = 3.0
 
 
 def environment() -> dict[str, Any]:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """The machine (:func:`common.environment`) and its load average as the bench starts."""
     try:
         load = os.getloadavg()
     except OSError:
         load = None
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "load_average_at_start": [round(x, 2) for x in load] if load else None,
-    }
+    return {**common.environment(), "load_average_at_start": [round(x, 2) for x in load] if load else None}
 
 
 # -- the server --------------------------------------------------------------------------------------
 @contextmanager
 def server(run: Path, folder: Path, max_batch: int | None) -> Iterator[str]:
     """``defectscope serve RUN`` on a free loopback port until the block ends; yields its base URL."""
+    from defectscope.serve.process import ServeStartError, start_serve
+
     token_file = folder / "token"
     token_file.write_text(TOKEN + "\n")
-    argv = ["serve", str(run), "--host", "127.0.0.1", "--port", "0", "--data-dir", str(folder / "data")]
+    argv = [str(run), "--host", "127.0.0.1", "--port", "0", "--data-dir", str(folder / "data")]
     argv += ["--token-file", str(token_file)] + (["--max-batch", str(max_batch)] if max_batch else [])
-    env = {**os.environ, "DEFECTSCOPE_NO_PROGRESS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "defectscope.cli", *argv],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def drain() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.append(line.rstrip("\n"))
-            if " at http://" in line:
-                ready.set()
-
-    threading.Thread(target=drain, daemon=True).start()
     try:
-        deadline = time.monotonic() + 120
-        while not ready.wait(0.1):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the server did not start: " + " | ".join(lines))
-        url = next(m.group(1) for m in map(re.compile(r"at (http://[^/ ]+)/").search, lines) if m)
-        while httpx.get(f"{url}/healthz", timeout=10).status_code != 200:
-            time.sleep(0.05)
-        yield url
+        child = start_serve(argv, timeout=120)
+    except ServeStartError as exc:
+        raise SystemExit(str(exc)) from None
+    try:
+        yield child.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        for line in lines:
+        child.stop()
+        for line in child.stderr:
             if "serving" not in line:
                 print(f"server: {line}", file=sys.stderr)
 

@@ -10,8 +10,9 @@ import pytest
 # Set before anything imports torch (test modules may import torch before defectscope does).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-#: The service tests' fixtures (a small fitted run, apps with a real log, a live server).
-pytest_plugins = ["serve_helpers"]
+#: The service tests' fixtures (a small fitted run, apps with a real log, a live server) and the
+#: inspection-log databases (``postgres``: the session's throwaway PostgreSQL; ``backend``: SQLite and it).
+pytest_plugins = ["serve_helpers", "pg_cluster"]
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "bottle_small"

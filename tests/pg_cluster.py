@@ -8,6 +8,11 @@ binary exists or the cluster cannot start, :class:`ClusterUnavailable` says why 
 
 initdb refuses to run as root: as root the binaries run as the ``postgres`` user (or ``nobody``)
 through ``runuser``, on a data folder owned by that user.
+
+Loaded as a pytest plugin by ``conftest.py``, it also gives the fixtures:
+
+- ``postgres`` (session): the session's :class:`Cluster`; skips with the reason where there is none.
+- ``backend`` (parametrized ``sqlite`` / ``postgresql``): the URL of a fresh, empty database of each kind.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ import shutil
 import subprocess
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
-import sqlalchemy as sa
+import pytest
 
 URL_ENV = "DEFECTSCOPE_TEST_POSTGRES_URL"
 BIN_ENV = "DEFECTSCOPE_PG_BIN"
@@ -69,6 +75,8 @@ class Cluster:
     """A running server: its admin URL, and databases made for single tests."""
 
     def __init__(self, admin_url: str, stop: list[str] | None = None, folder: Path | None = None) -> None:
+        import sqlalchemy as sa  # the serve extra: imported when a cluster is used (conftest loads this module)
+
         self.admin_url = admin_url
         self._stop = stop
         self._folder = folder
@@ -80,6 +88,8 @@ class Cluster:
 
     def new_database(self) -> str:
         """Create an empty database and return its ``postgresql://`` URL."""
+        import sqlalchemy as sa
+
         name = f"t_{uuid.uuid4().hex[:16]}"
         with self._admin.connect() as conn:
             conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
@@ -87,6 +97,8 @@ class Cluster:
         return url.render_as_string(hide_password=False)
 
     def drop_database(self, url: str) -> None:
+        import sqlalchemy as sa
+
         name = sa.make_url(url).database
         with self._admin.connect() as conn:
             conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -161,3 +173,30 @@ def stop_shared() -> None:
     """Stop the session's cluster if one was started (idempotent)."""
     if isinstance(_shared, Cluster):
         _shared.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Cluster]:
+    """The session's cluster (see :func:`shared_cluster`); the test skips with the reason without one."""
+    try:
+        cluster = shared_cluster()
+    except ClusterUnavailable as exc:
+        pytest.skip(f"no PostgreSQL server for the tests: {exc}")
+    yield cluster
+    stop_shared()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database URL of a fresh, empty database of each kind.
+
+    The SQLite one is where ``defectscope serve`` keeps it by default: ``tmp_path/data/inspections.db``,
+    inside the data folder ``tmp_path/data`` (``feedback export --db`` finds the files next to it).
+    """
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'data' / 'inspections.db'}"
+        return
+    cluster: Cluster = request.getfixturevalue("postgres")
+    url = cluster.new_database()
+    yield url
+    cluster.drop_database(url)

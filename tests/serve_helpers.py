@@ -5,18 +5,13 @@
 - :func:`make_app` / ``serve_app``: the app over a real SQLite :class:`InspectionLog` in a temporary folder.
 - :func:`live_server` / ``live_serve``: the app under a real uvicorn server in a background thread on a
   free loopback port, with its base URL and token.
-- :func:`serve_process`: ``defectscope serve`` itself in a child process (to stop it, or SIGKILL it).
+- :func:`serve_process`: ``defectscope serve`` itself in a child process (to stop it, or SIGKILL it), with
+  its token.
 """
 
 from __future__ import annotations
 
-import os
-import re
-import select
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -28,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from defectscope.runs import fit_run
+from defectscope.serve.process import ServeChild, start_serve
 
 if TYPE_CHECKING:  # the serve extra is imported where it is used: this module loads without it
     import uvicorn
@@ -147,93 +143,44 @@ def live_server(served: ServeApp, timeout: float = 30.0) -> Iterator[LiveServer]
         sock.close()
 
 
-#: ``defectscope serve`` as a child process runs it (the same argument parsing and one-line errors as
-#: ``defectscope.cli.main``), also before the command is registered in ``defectscope.cli``.
-SERVE_ENTRY = """
-import argparse, sys
-from defectscope.cli import one_line, serve
-from defectscope.errors import DefectscopeError
-parser = argparse.ArgumentParser(prog="defectscope")
-serve.add_parser(parser.add_subparsers(dest="command", required=True))
-args = parser.parse_args(sys.argv[1:])
-try:
-    sys.exit(args.func(args))
-except DefectscopeError as exc:
-    print(f"defectscope: error: {one_line(str(exc))}", file=sys.stderr)
-    sys.exit(2)
-"""
-
-
 @dataclass
-class ServeProcess:
-    """``defectscope serve`` in a child process: its base URL, token (None with --no-auth) and stderr so far."""
+class ServeProcess(ServeChild):
+    """``defectscope serve`` in a child process (URL, process, stderr so far) and its token (None with --no-auth)."""
 
-    url: str
-    token: str | None
-    process: subprocess.Popen[str]
-    stderr: list[str]  # lines so far; complete once stop() returned
-    drain: threading.Thread = field(repr=False)
+    token: str | None = None
 
     @property
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM (drain, close the log) and the exit status; SIGKILL after ``timeout``."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        status = self.process.wait()
-        self.drain.join(5)
-        return status
-
 
 @contextmanager
 def serve_process(
-    specs: Sequence[str | Path], data_dir: Path, *args: str, timeout: float = 120.0
+    specs: Sequence[str | Path],
+    data_dir: Path,
+    *args: str,
+    db_url: str | None = None,
+    token_file: Path | None = None,
+    timeout: float = 120.0,
 ) -> Iterator[ServeProcess]:
-    """Start ``defectscope serve SPECS --port 0 --data-dir DATA_DIR ARGS`` and wait until it listens.
+    """Start ``defectscope serve SPECS --port 0 --data-dir DATA_DIR [--db DB_URL] [--token-file TOKEN_FILE] ARGS``
+    and wait until it answers (:func:`defectscope.serve.process.start_serve`).
 
-    The token is read from ``--token-file`` when given, else from the one the command makes in the
-    data folder. ``.process.kill()`` is SIGKILL (durability tests); the block's end stops it cleanly.
+    The token is read from ``token_file`` when given, else from the one the command makes in the
+    data folder (none with ``--no-auth``). ``.process.kill()`` is SIGKILL (durability tests); the
+    block's end stops it cleanly.
     """
-    argv = [sys.executable, "-c", SERVE_ENTRY, "serve", *map(str, specs), "--port", "0", "--data-dir", str(data_dir)]
-    env = {**os.environ, "DEFECTSCOPE_NO_PROGRESS": "1"}
-    process = subprocess.Popen([*argv, *args], stderr=subprocess.PIPE, text=True, env=env)
-    assert process.stderr is not None
-    lines: list[str] = []
-    url = None
-    deadline = time.monotonic() + timeout
+    argv = [*map(str, specs), "--port", "0", "--data-dir", str(data_dir)]
+    argv += ["--db", db_url] if db_url is not None else []
+    argv += ["--token-file", str(token_file)] if token_file is not None else []
+    child = start_serve([*argv, *args], timeout=timeout)
     try:
-        while url is None:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"defectscope serve did not start in {timeout} s: {''.join(lines)}")
-            ready, _, _ = select.select([process.stderr], [], [], 0.5)
-            line = process.stderr.readline() if ready else ""
-            if line:
-                lines.append(line)
-                found = re.search(r" at (http://\S+?)/ ", line)
-                url = found.group(1) if found else None
-            elif ready or process.poll() is not None:
-                raise RuntimeError(f"defectscope serve exited with {process.wait()}: {''.join(lines)}")
-        drain = threading.Thread(target=lambda: lines.extend(process.stderr or ()), daemon=True)
-        drain.start()  # keeps the pipe from filling up while the test runs
         token = None
         if "--no-auth" not in args:
-            token_file = Path(args[args.index("--token-file") + 1]) if "--token-file" in args else data_dir / "token"
-            token = token_file.read_text(encoding="utf-8").splitlines()[0].strip()
-        yield ServeProcess(url, token, process, lines, drain)
+            token = (token_file or data_dir / "token").read_text(encoding="utf-8").splitlines()[0].strip()
+        yield ServeProcess(child.url, child.process, child.stderr, child.drain, token)
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        child.stop()
 
 
 @pytest.fixture(scope="session")

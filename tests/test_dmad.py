@@ -13,17 +13,7 @@ from defectscope.evaluate import evaluate
 from defectscope.methods.base import split_calibration
 from defectscope.methods.dmad import DMAD, knowledge
 from defectscope.nn.grouped_knn import nearest_excluding_groups
-
-SMALL = {
-    "image_size": 64,
-    "synthetic_images": 16,
-    "anomaly_bank_size": 256,
-    "defect_views": 4,
-    "croppaste_images": 4,
-    "max_train_patches": 2000,
-    "epochs": 3,
-    "patch_batch": 256,
-}
+from helpers import DMAD_SMALL
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +26,7 @@ def split(example_root: Path) -> tuple[list, list]:
 
 @pytest.fixture(scope="module")
 def unsupervised(example_root: Path) -> DMAD:
-    return DMAD(**SMALL).fit(example_root)
+    return DMAD(**DMAD_SMALL).fit(example_root)
 
 
 def test_unsupervised_fit_fills_both_banks_and_scores(unsupervised: DMAD, split: tuple[list, list]) -> None:
@@ -53,7 +43,7 @@ def test_labelled_defects_grow_the_anomaly_bank(
     unsupervised: DMAD, split: tuple[list, list], example_root: Path
 ) -> None:
     labelled, rest = split
-    det = DMAD(**SMALL).fit(example_root, defects=labelled)
+    det = DMAD(**DMAD_SMALL).fit(example_root, defects=labelled)
     info = det.fit_info
     assert info["labelled_defects"] == [str(s.path) for s in labelled]
     assert info["anomaly_bank_labelled"] > 0 and info["training_patches"]["labelled_anomalous"] > 0
@@ -76,13 +66,13 @@ def test_methods_without_defect_learning_hold_the_defects_out(example_root: Path
 
 def test_dmad_cannot_set_a_recall_threshold_from_what_it_learns(example_root: Path, split: tuple[list, list]) -> None:
     with pytest.raises(DefectscopeError, match="cannot also set its threshold.*defectscope calibrate"):
-        DMAD(**SMALL, threshold_rule="recall", target_recall=0.5).fit(example_root, defects=split[0])
+        DMAD(**DMAD_SMALL, threshold_rule="recall", target_recall=0.5).fit(example_root, defects=split[0])
 
 
 def test_unified_fit_over_two_categories(example_root: Path, split: tuple[list, list]) -> None:
     train = mvtec_samples(example_root, "train")
     mixed = [dataclasses.replace(s, category="x") if i % 2 else s for i, s in enumerate(train)]
-    det = DMAD(**SMALL).fit(mixed)
+    det = DMAD(**DMAD_SMALL).fit(mixed)
     assert det.fit_info["categories"] == ["bottle_small", "x"]
     # each category gets the coreset it would get on its own (10 % of its 8 x 8 patches per image)
     fit_part, _ = split_calibration(mixed, det.calibration_fraction, det.seed)

@@ -13,55 +13,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import pg_cluster
 from defectscope.data.image_io import load_mask, read_image
 from defectscope.data.layouts import image_files
 from defectscope.data.sources import labelled_samples, pick_labelled_defects
 from defectscope.errors import DefectscopeError, OutputError
 from defectscope.outputs import MARKER
 from defectscope.serve.export import export_feedback
+from defectscope.serve.images import png_bytes
 from defectscope.serve.store import Inspection, InspectionIn, InspectionLog
+from helpers import DMAD_SMALL
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "bottle_small"
-#: A small, fast DMAD (as in test_dmad.py).
-DMAD = {
-    "image_size": 64,
-    "synthetic_images": 16,
-    "anomaly_bank_size": 256,
-    "defect_views": 4,
-    "croppaste_images": 4,
-    "max_train_patches": 2000,
-    "epochs": 3,
-    "patch_batch": 256,
-}
-
-
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[pg_cluster.Cluster]:
-    try:
-        cluster = pg_cluster.shared_cluster()
-    except pg_cluster.ClusterUnavailable as exc:
-        pytest.skip(f"no PostgreSQL server for the tests: {exc}")
-    yield cluster
-    pg_cluster.stop_shared()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'data' / 'inspections.db'}"
-        return
-    cluster: pg_cluster.Cluster = request.getfixturevalue("postgres")
-    url = cluster.new_database()
-    yield url
-    cluster.drop_database(url)
-
-
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def stroke_mask(size: tuple[int, int] = (64, 64)) -> bytes:
@@ -71,7 +34,7 @@ def stroke_mask(size: tuple[int, int] = (64, 64)) -> bytes:
     for x in range(w // 4, w // 2):
         for y in range(h // 4, h // 2):
             mask.putpixel((x, y), (255, 255, 255, 255))
-    return png(mask)
+    return png_bytes(mask)
 
 
 def inspect(log: InspectionLog, image: Path | bytes, model: str = "bottle", suffix: str = ".png") -> Inspection:
@@ -95,7 +58,9 @@ class Logged:
         self.unmasked = inspect(log, test / "broken_small" / "000.png")  # a defect without a mask
         log.add_feedback(self.unmasked.id, "confirmed_defect")
         self.blank = inspect(log, test / "broken_small" / "010.png")  # an empty mask: none drawn
-        log.add_feedback(self.blank.id, "confirmed_defect", mask=log.store_file(png(Image.new("L", (8, 8))), ".png"))
+        log.add_feedback(
+            self.blank.id, "confirmed_defect", mask=log.store_file(png_bytes(Image.new("L", (8, 8))), ".png")
+        )
         self.false_alarm = inspect(log, test / "good" / "000.png")
         log.add_feedback(self.false_alarm.id, "false_alarm", note="reflection")
         self.good = inspect(log, test / "good" / "003.png")
@@ -183,7 +148,7 @@ def test_a_fit_and_a_calibration_learn_from_the_export(tmp_path: Path) -> None:
         logged = Logged(log)
         out = tmp_path / "out"
         export_feedback(log, out, model="bottle")
-    fitted = fit_run(EXAMPLE, tmp_path / "run", method="dmad", params=DMAD, labelled_defects=2, defects_from=out)
+    fitted = fit_run(EXAMPLE, tmp_path / "run", method="dmad", params=DMAD_SMALL, labelled_defects=2, defects_from=out)
     assert sorted(Path(p).name for p in fitted.info.labelled_defects) == sorted(
         [f"{logged.masked.id}.png", f"{logged.missed.id}.png"]
     )

@@ -36,6 +36,7 @@ from defectscope.methods import Prediction
 from defectscope.runs import fit_run, predict_run
 from defectscope.serve import app as app_module
 from defectscope.serve.batching import MicroBatcher, ServiceBusy
+from defectscope.serve.images import png_bytes
 from defectscope.serve.registry import ModelRegistry, ServedModel, parse_spec
 from serve_helpers import EXAMPLE, MODEL, SERVE_PARAMS, TOKEN, ServeApp, live_server, make_app, serve_process
 
@@ -188,9 +189,7 @@ def test_feedback(client: TestClient, serve_app: ServeApp) -> None:
     body = post_file(client, BROKEN).json()
     mask = Image.new("RGBA", (300, 200))  # any size, transparent background as a page canvas draws it
     mask.paste((255, 255, 255, 255), (10, 10, 60, 40))
-    buffer = io.BytesIO()
-    mask.save(buffer, format="PNG")
-    encoded = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    encoded = "data:image/png;base64," + base64.b64encode(png_bytes(mask)).decode()
     url = f"/v1/inspections/{body['id']}/feedback"
     response = client.post(
         url, json={"kind": "confirmed_defect", "defect_type": "broken_large", "mask_png_base64": encoded}
@@ -312,9 +311,7 @@ def test_upload_limit(serve_registry: ModelRegistry, tmp_path: Path) -> None:
                 assert "over the limit of 20000" in response.json()["detail"]
             assert served.log.list()[1] == 0
             small = np.asarray(Image.open(GOOD).resize((32, 32)))
-            buffer = io.BytesIO()
-            Image.fromarray(small).save(buffer, format="PNG")
-            assert client.post(INSPECT, content=buffer.getvalue()).status_code == 200
+            assert client.post(INSPECT, content=png_bytes(Image.fromarray(small))).status_code == 200
     finally:
         served.log.close()
 

@@ -21,16 +21,6 @@ from defectscope.serve.store import InspectionIn, InspectionLog, LogUnavailableE
 from defectscope.serve.store import _make_engine as store_engine
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[pg_cluster.Cluster]:
-    try:
-        cluster = pg_cluster.shared_cluster()
-    except pg_cluster.ClusterUnavailable as exc:
-        pytest.skip(f"no PostgreSQL server for the tests: {exc}")
-    yield cluster
-    pg_cluster.stop_shared()
-
-
 @pytest.fixture
 def database(postgres: pg_cluster.Cluster) -> Iterator[str]:
     url = postgres.new_database()

@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-import pg_cluster
 from defectscope.errors import DefectscopeError
 from defectscope.serve import migrations
 from defectscope.serve.store import (
@@ -37,28 +36,6 @@ from defectscope.serve.store import _make_engine as store_engine  # BEGIN IMMEDI
 
 REPO = Path(__file__).resolve().parents[1]
 PNG = (REPO / "examples" / "bottle_small" / "test" / "good" / "000.png").read_bytes()
-
-
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[pg_cluster.Cluster]:
-    try:
-        cluster = pg_cluster.shared_cluster()
-    except pg_cluster.ClusterUnavailable as exc:
-        pytest.skip(f"no PostgreSQL server for the tests: {exc}")
-    yield cluster
-    pg_cluster.stop_shared()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A database URL of a fresh, empty database of each kind."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'db' / 'log.db'}"
-        return
-    cluster: pg_cluster.Cluster = request.getfixturevalue("postgres")
-    url = cluster.new_database()
-    yield url
-    cluster.drop_database(url)
 
 
 @pytest.fixture
