@@ -121,3 +121,17 @@ def test_fit_holds_labelled_defects_out_for_methods_that_do_not_learn_from_them(
     assert summary["calibration"]["miss"]["n"] == 2 and summary["n_images"] == 17 - 2
     counts = summary["verdicts"]["counts"]
     assert sum(counts[k] for k in ("true_positive", "false_positive", "true_negative", "false_negative")) == 15
+
+
+def test_confidence_is_stored_and_reloaded(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["calibrate", str(run), "--confidence", "0.9"]) == 0
+    err = capsys.readouterr().err
+    assert "cannot keep the false-alarm rate under 0.05 with 90% confidence" in err
+    config = _config(run)
+    assert config["params"]["false_alarm_confidence"] == 0.9 and config["calibration"]["confidence"] == 0.9
+    detector = load(run)
+    assert detector.false_alarm_confidence == 0.9 and detector.calibration.confidence == 0.9
+    config["calibration"]["confidence"] = 0.5  # no longer what the parameters say
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DefectscopeError, match="calibration.confidence"):
+        load(run)

@@ -263,3 +263,9 @@ def test_text_is_escaped_and_the_page_is_self_contained(tmp_path: Path) -> None:
     assert f"note: held out {hostile}" in parser.notes
     assert "<script" not in page and "<link" not in page
     assert re.findall(r"(?:src|href)=\"https?:", page) == []
+
+
+def test_a_confidence_is_said_in_words(tmp_path: Path) -> None:
+    calibration = calibrate(np.linspace(1.0, 2.0, 60), false_alarm_rate=0.1, confidence=0.9)
+    page, _ = _write(tmp_path, _records(calibration.threshold), calibration)
+    assert "to hold for this calibration with 90 % confidence" in page

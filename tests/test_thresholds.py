@@ -171,3 +171,30 @@ def test_false_alarm_range_covers_the_rate_of_each_calibration_set() -> None:
         inside.append(low <= 1 - cal.threshold <= high)
     assert 0.93 <= float(np.mean(inside)) <= 0.97
     assert "95% range for this calibration" in cal.describe()
+
+
+def test_confidence_keeps_the_rate_of_most_calibration_sets_under_the_target() -> None:
+    """With confidence C, at most about 1 - C of calibration sets may have a true rate above A
+    (uniform scores: the true rate of threshold t is 1 - t); without it, many more do."""
+    rng = np.random.default_rng(3)
+    n, rate, confidence = 200, 0.05, 0.9
+    above_confident, above_marginal = [], []
+    for _ in range(2000):
+        held = rng.uniform(size=n)
+        above_confident.append(1 - calibrate(held, false_alarm_rate=rate, confidence=confidence).threshold > rate)
+        above_marginal.append(1 - calibrate(held, false_alarm_rate=rate).threshold > rate)
+    assert float(np.mean(above_confident)) <= 1 - confidence + 0.02
+    assert float(np.mean(above_marginal)) > 0.3
+    cal = calibrate(rng.uniform(size=n), false_alarm_rate=rate, confidence=confidence)
+    assert cal.n_below > conformal_rank(n, rate) and "with 90% confidence" in cal.describe()
+    assert Calibration.from_dict(cal.to_dict()) == cal
+
+
+def test_too_few_images_for_the_confidence_say_how_many_are_needed() -> None:
+    cal = calibrate(np.arange(21.0), false_alarm_rate=0.05, confidence=0.9)
+    assert cal.threshold == 20.0 and "at least 45" in cal.notes[0]  # (1 - 0.05)^45 <= 0.1
+    with pytest.raises(ValueError, match="false_alarm_confidence must be between 0 and 1"):
+        calibrate([1.0], confidence=1.0)
+    assert chosen_rule(None, {"false_alarm_confidence": 0.9}) == "conformal"
+    with pytest.raises(ValueError, match="each rule has its own setting"):
+        chosen_rule("mean_sigma", {"false_alarm_confidence": 0.9})

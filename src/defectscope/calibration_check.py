@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 _COMMON = ("rule", "threshold", "n_images", "good_scores", "defect_scores")
 #: The fields each rule may store beside the common ones, and which of all it must store.
 _RULE_FIELDS: dict[str, tuple[str, ...]] = {
-    CONFORMAL: ("false_alarm_rate",),
+    CONFORMAL: ("false_alarm_rate", "confidence"),
     MEAN_SIGMA: ("sigmas", "mean", "std", "max"),
     RECALL: ("target_recall",),
 }
@@ -96,7 +96,7 @@ def parse_calibration(cls: type[Calibration], data: object, nonnegative_scores: 
 
 def _recomputed(good: list[float], rule: str, defects: list[float], setting: dict[str, float]) -> Calibration:
     """The calibration ``rule`` gives for the stored scores and setting."""
-    keys = ("false_alarm_rate", "sigmas", "target_recall")
+    keys = ("false_alarm_rate", "confidence", "sigmas", "target_recall")
     try:
         return calibrate(good, rule=rule, defect_scores=defects, **{k: v for k, v in setting.items() if k in keys})
     except ValueError as exc:

@@ -7,6 +7,9 @@ Three rules, all from scores of images the model was not fitted on:
   new good image exchangeable with them, P(score > threshold) <= 1 - k / (n + 1) <= A. With
   n + 1 < 1 / A no held-out score gives that bound: the threshold is then the highest score and
   the stated bound is 1 / (n + 1), larger than A (:attr:`Calibration.notes` says so).
+  With a ``confidence`` C the rank rises to the smallest k whose rate exceeds A with
+  probability at most 1 - C for this one calibration set (the rate given the set is
+  Beta(n + 1 - k, k) distributed), a guarantee per calibration rather than on average.
 - ``mean_sigma``: max(mean + sigmas * std, highest held-out good score), the earlier default.
 - ``recall``: a target recall R from held-out labelled defect scores d_(1) <= ... <= d_(m):
   the threshold is d_(j), j = floor((1 - R)(m + 1)), so a new defect exchangeable with them
@@ -46,6 +49,19 @@ _EPS = 1e-9  # products like (n + 1) * (1 - A) in floating point, before ceil / 
 def conformal_rank(n: int, false_alarm_rate: float) -> int:
     """k = ceil((n + 1)(1 - A)); above n when n held-out scores cannot support the rate A."""
     return math.ceil((n + 1) * (1.0 - false_alarm_rate) - _EPS)
+
+
+def confident_rank(n: int, false_alarm_rate: float, confidence: float) -> int:
+    """Smallest k with P(Beta(n + 1 - k, k) > A) <= 1 - C; above n when n scores cannot give that."""
+    for k in range(min(conformal_rank(n, false_alarm_rate), n + 1), n + 1):
+        if float(beta.sf(false_alarm_rate, n + 1 - k, k)) <= 1.0 - confidence + _EPS:
+            return k
+    return n + 1
+
+
+def held_out_needed_confident(false_alarm_rate: float, confidence: float) -> int:
+    """Fewest held-out good images whose highest score keeps the rate under A with confidence C."""
+    return max(1, math.ceil(math.log(1.0 - confidence) / math.log(1.0 - false_alarm_rate) - _EPS))
 
 
 def held_out_needed(false_alarm_rate: float) -> int:
@@ -119,6 +135,7 @@ class Calibration:
     good_scores: tuple[float, ...] | None = None
     defect_scores: tuple[float, ...] = ()
     false_alarm_rate: float | None = None
+    confidence: float | None = None
     sigmas: float | None = None
     target_recall: float | None = None
     mean: float | None = None
@@ -188,7 +205,7 @@ class Calibration:
             "false_alarm_bound": self.false_alarm_bound,
             "false_alarm_range": list(self.false_alarm_range),
         }
-        for key in ("false_alarm_rate", "sigmas", "target_recall"):
+        for key in ("false_alarm_rate", "confidence", "sigmas", "target_recall"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         if self.defect_scores:
@@ -210,7 +227,7 @@ class Calibration:
     def to_dict(self) -> dict[str, Any]:
         """The stored form: the rule, the threshold, its setting, the scores (and older statistics)."""
         out: dict[str, Any] = {"rule": self.rule, "threshold": self.threshold, "n_images": self.n_images}
-        for key in ("false_alarm_rate", "sigmas", "target_recall", "mean", "std", "max"):
+        for key in ("false_alarm_rate", "confidence", "sigmas", "target_recall", "mean", "std", "max"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         if self.good_scores is not None:
@@ -248,6 +265,7 @@ def calibrate(
     *,
     rule: str = CONFORMAL,
     false_alarm_rate: float = 0.05,
+    confidence: float | None = None,
     sigmas: float = 3.0,
     target_recall: float = 0.95,
     defect_scores: Sequence[float] | np.ndarray = (),
@@ -255,7 +273,8 @@ def calibrate(
     """The threshold of ``rule`` from scores of good (and optionally defect) images the model did not fit on.
 
     ``defect_scores`` set the threshold under the recall rule and, under the others, estimate
-    the miss rate. Raises ValueError with one line when the scores cannot support the rule
+    the miss rate; ``confidence`` makes the conformal bound hold per calibration set. Raises
+    ValueError with one line when the scores cannot support the rule
     (no good scores; too few defects for the target recall).
     """
     good = sorted_scores(good_scores, "held-out good images")
@@ -263,10 +282,31 @@ def calibrate(
     n = len(good)
     if n == 0:
         raise ValueError("calibration needs at least one held-out good image")
-    check_rule_setting(rule, false_alarm_rate, sigmas, target_recall)
+    check_rule_setting(rule, false_alarm_rate, sigmas, target_recall, confidence)
+    if rule == CONFORMAL and confidence is not None:
+        k = confident_rank(n, false_alarm_rate, confidence)
+        notes: tuple[str, ...] = ()
+        if k > n:
+            notes = (
+                f"{n} held-out good image(s) cannot keep the false-alarm rate under {false_alarm_rate:g} with "
+                f"{confidence:.0%} confidence (that needs at least "
+                f"{held_out_needed_confident(false_alarm_rate, confidence)}); "
+                "the threshold is the highest held-out score",
+            )
+            k = n
+        return Calibration(
+            CONFORMAL,
+            good[k - 1],
+            n,
+            good,
+            defects,
+            false_alarm_rate=false_alarm_rate,
+            confidence=confidence,
+            notes=notes,
+        )
     if rule == CONFORMAL:
         k = conformal_rank(n, false_alarm_rate)
-        notes: tuple[str, ...] = ()
+        notes = ()
         if k > n:
             notes = (
                 f"{n} held-out good image(s) cannot support a false-alarm rate of {false_alarm_rate:g} "
@@ -291,7 +331,9 @@ def calibrate(
     return Calibration(RECALL, defects[j - 1], n, good, defects, target_recall=target_recall)
 
 
-def check_rule_setting(rule: str, false_alarm_rate: float, sigmas: float, target_recall: float) -> None:
+def check_rule_setting(
+    rule: str, false_alarm_rate: float, sigmas: float, target_recall: float, confidence: float | None = None
+) -> None:
     """ValueError unless ``rule`` is known and its setting is in range."""
     if rule not in RULES:
         raise ValueError(f"unknown threshold rule {rule!r} (known: {', '.join(RULES)})")
@@ -305,13 +347,16 @@ def check_rule_setting(rule: str, false_alarm_rate: float, sigmas: float, target
         raise ValueError(f"threshold_sigmas must be in [0, 10], got {sigmas}")
     if not 0.0 < target_recall < 1.0:
         raise ValueError(f"target_recall must be between 0 and 1, got {target_recall}")
+    if confidence is not None and not (math.isfinite(confidence) and 0.0 < confidence < 1.0):
+        raise ValueError(f"false_alarm_confidence must be between 0 and 1 (or none), got {confidence}")
 
 
 def describe_calibration(summary: dict[str, Any]) -> str:
     """One line for people from :meth:`Calibration.summary`: the threshold, its rule and its promises."""
     rule = summary["rule"]
     setting = {
-        CONFORMAL: f"target false-alarm rate {summary.get('false_alarm_rate', 0):g}",
+        CONFORMAL: f"target false-alarm rate {summary.get('false_alarm_rate', 0):g}"
+        + (f" with {summary['confidence']:.0%} confidence" if summary.get("confidence") is not None else ""),
         MEAN_SIGMA: f"mean + {summary.get('sigmas', 0):g} sd, at least the highest",
         RECALL: f"target recall {summary.get('target_recall', 0):g} from {summary.get('n_held_out_defects', 0)} "
         "held-out defects",
@@ -335,6 +380,8 @@ def describe_calibration(summary: dict[str, Any]) -> str:
 
 #: The setting of each rule, as its parameter name.
 RULE_SETTINGS = {CONFORMAL: "false_alarm_rate", MEAN_SIGMA: "threshold_sigmas", RECALL: "target_recall"}
+#: Settings beside the main one that also choose a rule.
+_MORE_SETTINGS = {"false_alarm_confidence": CONFORMAL}
 
 
 def chosen_rule(rule: str | None, settings: dict[str, Any]) -> str | None:
@@ -343,6 +390,7 @@ def chosen_rule(rule: str | None, settings: dict[str, Any]) -> str | None:
     A setting chooses its rule; None when neither says. ValueError when they disagree.
     """
     named = [r for r, key in RULE_SETTINGS.items() if settings.get(key) is not None]
+    named += [r for key, r in _MORE_SETTINGS.items() if settings.get(key) is not None and r not in named]
     if len(named) > 1 or (rule is not None and named and named[0] != rule):
         given = ", ".join(RULE_SETTINGS[r] for r in named)
         raise ValueError(

@@ -20,6 +20,7 @@ def run(args: argparse.Namespace) -> int:
         false_alarm_rate=args.false_alarm_rate,
         sigmas=args.sigmas,
         target_recall=args.target_recall,
+        confidence=args.confidence,
         replace_scores=args.replace,
         batch_size=args.batch_size,
         device=args.device,
@@ -64,6 +65,13 @@ def add_parser(sub: Any) -> None:
         type=fraction,
         metavar="A",
         help="conformal rule: bound the share of good images judged anomalous by A",
+    )
+    calibrate.add_argument(
+        "--confidence",
+        type=fraction,
+        metavar="C",
+        help="conformal rule: keep this calibration's false-alarm rate under A with probability C "
+        "(e.g. 0.9), not only on average; needs more held-out images",
     )
     calibrate.add_argument(
         "--target-recall", type=fraction, metavar="R", help="recall rule: catch at least the share R of defects"

@@ -26,6 +26,7 @@ ALIASES = {
     "coreset_ratio": "memory-bank methods: fraction of patches kept (default 0.1)",
     "threshold_rule": "how held-out scores set the threshold: conformal (default), mean_sigma or recall",
     "false_alarm_rate": "conformal rule: share of good images allowed to be judged anomalous (default 0.05)",
+    "false_alarm_confidence": "conformal rule: keep this calibration's rate under A with this probability",
     "target_recall": "recall rule (chosen by this flag): share of defects to catch, from held-out labelled defects",
     "threshold_sigmas": "mean_sigma rule (chosen by this flag): threshold = mean + this many sd (default 3)",
 }

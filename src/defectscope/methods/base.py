@@ -89,6 +89,7 @@ class Detector(ABC, metaclass=_CheckedParams):
         calibration_fraction: float = 0.1,
         threshold_rule: ThresholdRule = DEFAULT_RULE,
         false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
+        false_alarm_confidence: float | None = None,
         target_recall: float = DEFAULT_TARGET_RECALL,
         threshold_sigmas: float = 3.0,
         seed: int = 0,
@@ -98,7 +99,9 @@ class Detector(ABC, metaclass=_CheckedParams):
         check_at_least(1, batch_size=batch_size)
         check_at_least(0, seed=seed)
         try:
-            check_rule_setting(threshold_rule, false_alarm_rate, threshold_sigmas, target_recall)
+            check_rule_setting(
+                threshold_rule, false_alarm_rate, threshold_sigmas, target_recall, false_alarm_confidence
+            )
         except ValueError as exc:
             raise DefectscopeError(str(exc)) from None
         if not 0.0 <= calibration_fraction < 1.0:
@@ -108,6 +111,7 @@ class Detector(ABC, metaclass=_CheckedParams):
         self.calibration_fraction = calibration_fraction
         self.threshold_rule = threshold_rule
         self.false_alarm_rate = false_alarm_rate
+        self.false_alarm_confidence = false_alarm_confidence
         self.target_recall = target_recall
         self.threshold_sigmas = threshold_sigmas
         self.seed = seed
@@ -286,6 +290,7 @@ class Detector(ABC, metaclass=_CheckedParams):
                 good_scores,
                 rule=self.threshold_rule,
                 false_alarm_rate=self.false_alarm_rate,
+                confidence=self.false_alarm_confidence,
                 sigmas=self.threshold_sigmas,
                 target_recall=self.target_recall,
                 defect_scores=() if defect_scores is None else defect_scores,

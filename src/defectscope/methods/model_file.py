@@ -68,7 +68,12 @@ REQUIRED_KEYS = (
 OPTIONAL_KEYS = ("run", "calibration_history", "calibration_images")
 #: Constructor parameters added after format 1 was fixed, with the value that models saved
 #: before them behaved by (filled in when such a model is read).
-ADDED_PARAMS: dict[str, Any] = {"threshold_rule": MEAN_SIGMA, "false_alarm_rate": 0.05, "target_recall": 0.95}
+ADDED_PARAMS: dict[str, Any] = {
+    "threshold_rule": MEAN_SIGMA,
+    "false_alarm_rate": 0.05,
+    "false_alarm_confidence": None,
+    "target_recall": 0.95,
+}
 #: The parameter holding each rule's setting, and the calibration field it must equal.
 _RULE_SETTING = {CONFORMAL: "false_alarm_rate", MEAN_SIGMA: "threshold_sigmas", RECALL: "target_recall"}
 
@@ -279,6 +284,9 @@ def validate_config(config: Any, where: str) -> None:
         if stored != params.get(name):
             field = "sigmas" if name == "threshold_sigmas" else name
             fail(f"calibration.{field} {stored} differs from params.{name} {_short(params.get(name))}")
+        if parsed.rule == CONFORMAL and parsed.confidence != params.get("false_alarm_confidence"):
+            given = _short(params.get("false_alarm_confidence"))
+            fail(f"calibration.confidence {parsed.confidence} differs from params.false_alarm_confidence {given}")
     if "calibration_history" in config:
         _check_history(config["calibration_history"], fail)
     images = config.get("calibration_images", [])

@@ -33,6 +33,8 @@ HELP: dict[str, str] = {
     "calibration_fraction": "share of the good images held out to calibrate the threshold",
     "threshold_rule": "how held-out scores set the threshold: conformal (a false-alarm rate), mean_sigma, recall",
     "false_alarm_rate": "conformal rule: the share of good images allowed to be judged anomalous",
+    "false_alarm_confidence": "conformal rule: keep the rate under false_alarm_rate with this probability "
+    "for this calibration (none: on average)",
     "target_recall": "recall rule: the share of defects to catch (needs held-out labelled defects)",
     "threshold_sigmas": "mean_sigma rule: threshold = mean + this many standard deviations, at least the highest",
     "seed": "random seed",

@@ -34,7 +34,13 @@ def _rule_in_words(calibration: dict[str, Any]) -> str:
     if rule == CONFORMAL:
         return (
             f"Conformal rule: the threshold was set from the scores of {n_good} held-out good images (not "
-            f"used for fitting) for a target false-alarm rate of {pct(calibration.get('false_alarm_rate'))}; "
+            f"used for fitting) for a target false-alarm rate of {pct(calibration.get('false_alarm_rate'))}"
+            + (
+                f", to hold for this calibration with {pct(calibration['confidence'])} confidence"
+                if calibration.get("confidence") is not None
+                else ""
+            )
+            + "; "
             f"{flagged}."
         )
     if rule == MEAN_SIGMA:

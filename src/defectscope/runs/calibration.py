@@ -45,17 +45,25 @@ def _setting(
     false_alarm_rate: float | None,
     sigmas: float | None,
     target_recall: float | None,
+    confidence: float | None,
 ) -> dict[str, Any]:
     """The threshold parameters to calibrate with: the model's own, changed by what was given."""
     try:
         chosen = chosen_rule(
-            rule, {"false_alarm_rate": false_alarm_rate, "threshold_sigmas": sigmas, "target_recall": target_recall}
+            rule,
+            {
+                "false_alarm_rate": false_alarm_rate,
+                "false_alarm_confidence": confidence,
+                "threshold_sigmas": sigmas,
+                "target_recall": target_recall,
+            },
         )
     except ValueError as exc:
         raise DefectscopeError(str(exc)) from None
     params = {
         "threshold_rule": chosen or detector.threshold_rule,
         "false_alarm_rate": detector.false_alarm_rate if false_alarm_rate is None else false_alarm_rate,
+        "false_alarm_confidence": detector.false_alarm_confidence if confidence is None else confidence,
         "threshold_sigmas": detector.threshold_sigmas if sigmas is None else sigmas,
         "target_recall": detector.target_recall if target_recall is None else target_recall,
     }
@@ -99,6 +107,7 @@ def calibrate_run(
     false_alarm_rate: float | None = None,
     sigmas: float | None = None,
     target_recall: float | None = None,
+    confidence: float | None = None,
     replace_scores: bool = False,
     batch_size: int | None = None,
     device: str = "cpu",
@@ -115,7 +124,7 @@ def calibrate_run(
     detector = load(folder).to(device)
     if batch_size is not None:
         detector.batch_size = batch_size
-    params = _setting(detector, rule, false_alarm_rate, sigmas, target_recall)
+    params = _setting(detector, rule, false_alarm_rate, sigmas, target_recall, confidence)
     before = detector.calibration
     taken = _fitted_images(detector)
     if not replace_scores:

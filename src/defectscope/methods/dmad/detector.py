@@ -78,6 +78,7 @@ class DMAD(TrainedDetector, BackboneDetector):
         calibration_fraction: float = 0.1,
         threshold_rule: ThresholdRule = DEFAULT_RULE,
         false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
+        false_alarm_confidence: float | None = None,
         target_recall: float = DEFAULT_TARGET_RECALL,
         threshold_sigmas: float = 3.0,
         seed: int = 0,
