@@ -185,6 +185,19 @@ def test_list_filter_and_paginate(client: TestClient) -> None:
     assert client.get("/v1/inspections", params={"verdict": "maybe"}).status_code == 422
 
 
+def test_models_count_inspections_by_verdict(client: TestClient) -> None:
+    paths = [GOOD, BROKEN, EXAMPLE / "test" / "good" / "003.png", EXAMPLE / "test" / "contamination" / "000.png"]
+    verdicts = [post_file(client, p).json()["verdict"] for p in paths]
+    assert {"good", "anomalous"} <= set(verdicts)
+    (entry,) = client.get("/v1/models").json()
+    expected = {v: verdicts.count(v) for v in ("good", "anomalous", "error", "none")}
+    assert entry["inspections"] == {**expected, "total": len(paths)}
+    for verdict, n in expected.items():  # what the page asked for, one request per verdict, before
+        assert client.get("/v1/inspections", params={"model": MODEL, "verdict": verdict}).json()["total"] == n
+    description = client.get("/openapi.json").json()["paths"]["/v1/models"]["get"]["description"]
+    assert "`inspections`" in description and '"total": n' in description
+
+
 def test_feedback(client: TestClient, serve_app: ServeApp) -> None:
     body = post_file(client, BROKEN).json()
     mask = Image.new("RGBA", (300, 200))  # any size, transparent background as a page canvas draws it
@@ -230,6 +243,7 @@ def test_models_and_healthz(client: TestClient, serve_app: ServeApp) -> None:
     assert entry["sha256"] == model.sha256 and entry["threshold"] == model.threshold
     assert entry["categories"] == ["bottle_small"] and 0 < entry["false_alarm_bound"] < 1
     assert entry["feedback"] == {"confirmed_defect": 0, "false_alarm": 0, "missed_defect": 0, "confirmed_good": 0}
+    assert entry["inspections"] == {"good": 0, "anomalous": 0, "error": 0, "none": 0, "total": 0}
     health = client.get("/healthz", headers={"Authorization": ""})
     assert health.status_code == 200 and health.json() == {"status": "ok", "models": [MODEL]}
 
@@ -581,6 +595,8 @@ def test_model_without_threshold(tmp_path: Path) -> None:
             assert body["verdict"] == "none" and body["threshold"] is None and body["normalized_score"] is None
             assert client.get(body["overlay_url"]).status_code == 200
             assert client.get("/v1/inspections", params={"verdict": "none"}).json()["total"] == 1
+            (entry,) = client.get("/v1/models").json()
+            assert entry["inspections"] == {"good": 0, "anomalous": 0, "error": 0, "none": 1, "total": 1}
             text = client.get("/metrics").text
             assert metric(text, "defectscope_verdicts_total", model="uncalibrated", verdict="none") == 1
     finally:

@@ -126,6 +126,13 @@ def test_upload_history_feedback_export(page: Any, live_serve: LiveServer, tmp_p
             row.wait_for()
             assert row.locator(".pill").inner_text() == expected[name]
         page.wait_for_function("() => document.querySelector('#page-info').textContent.endsWith('of 4')")
+        # the model's counters (from /v1/models) count the four inspections by verdict
+        for verdict in ("good", "anomalous", "error"):
+            n = 2 * list(expected.values()).count(verdict)
+            page.locator(
+                f".model[data-model='{MODEL}'] .model-counts .count[data-verdict='{verdict}']",
+                has_text=f"{n} {verdict}",
+            ).wait_for()
         # thumbnails load when their rows scroll into view
         page.locator("#history").scroll_into_view_if_needed()
         page.wait_for_function(

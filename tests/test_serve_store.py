@@ -200,6 +200,32 @@ def test_list_refuses_bad_pages(log: InspectionLog) -> None:
         one_line_error(info)
 
 
+def test_verdict_counts(log: InspectionLog, backend: str, tmp_path: Path) -> None:
+    assert log.verdict_counts() == {}
+    for verdict in ("good", "good", "anomalous", "error", None):
+        log.add_inspection(row_for(log, verdict=verdict))
+    for verdict in ("anomalous", "anomalous"):
+        log.add_inspection(row_for(log, model="cable", verdict=verdict))
+    zeros = {"good": 0, "anomalous": 0, "error": 0, "none": 0}
+    assert log.verdict_counts() == {
+        "bottle": {"good": 2, "anomalous": 1, "error": 1, "none": 1},
+        "cable": zeros | {"anomalous": 2},
+    }
+    # the counts agree with the filtered listing the page used to ask for, verdict by verdict
+    for model, counts in log.verdict_counts().items():
+        for verdict, n in counts.items():
+            assert log.list(model=model, verdict=verdict, limit=0)[1] == n
+    # a NULL verdict (not written by add_inspection, but the column allows it) counts as none
+    engine = _engine(backend, tmp_path / "data")
+    with engine.begin() as conn:
+        table = migrations.inspections
+        conn.execute(sa.update(table).where(table.c.model == "cable").values(verdict=None))
+    engine.dispose()
+    assert log.verdict_counts()["cable"] == zeros | {"none": 2}
+    log.purge(datetime.now(UTC) + timedelta(seconds=1))
+    assert log.verdict_counts() == {}
+
+
 def test_concurrent_writers(log: InspectionLog) -> None:
     row = row_for(log)
     errors: list[BaseException] = []

@@ -22,6 +22,7 @@ from ..errors import DataError, DefectscopeError
 from .batching import MicroBatcher, ServiceBusy
 from .error_handlers import one_line
 from .images import overlay_png, stored_heatmap_png, stored_overlay_png
+from .log_records import VERDICTS
 from .metrics import ServeMetrics
 from .registry import ModelRegistry, ServedModel
 from .store import DEFECT_KINDS, FEEDBACK_KINDS, Inspection, InspectionLog, LogUnavailableError
@@ -119,11 +120,37 @@ def api_router(
 
     v1 = APIRouter(prefix=API, dependencies=[auth], responses=_ERRORS)
 
-    @v1.get("/models", summary="the served models, their thresholds and waiting feedback")
+    @v1.get(
+        "/models",
+        summary="the served models, their thresholds, logged inspections and waiting feedback",
+        description=(
+            "One entry per served model: what the model is (name, method, image size, sha256, "
+            "threshold, rule, ...), plus\n\n"
+            "- `inspections`: how many of its inspections the log holds, by verdict, "
+            '`{"good": n, "anomalous": n, "error": n, "none": n, "total": n}` '
+            "(0 where none; `none` is a model without a threshold; retention lowers them);\n"
+            "- `feedback`: per feedback kind, how many of its inspections have that kind as their "
+            "latest feedback and wait for export (0 where none)."
+        ),
+    )
     def models() -> list[dict[str, Any]]:
-        counts = log.feedback_counts()
-        none = dict.fromkeys(FEEDBACK_KINDS, 0)
-        return [{**model.describe(), "feedback": counts.get(model.name, none)} for model in registry]
+        feedback = log.feedback_counts()
+        verdicts = log.verdict_counts()
+        no_feedback = dict.fromkeys(FEEDBACK_KINDS, 0)
+        no_inspections = dict.fromkeys(VERDICTS, 0)
+
+        def inspections_of(name: str) -> dict[str, int]:
+            counts = {**no_inspections, **verdicts.get(name, {})}
+            return {**counts, "total": sum(counts.values())}
+
+        return [
+            {
+                **model.describe(),
+                "inspections": inspections_of(model.name),
+                "feedback": feedback.get(model.name, no_feedback),
+            }
+            for model in registry
+        ]
 
     @v1.post(
         "/models/{name}/inspect",

@@ -261,6 +261,23 @@ class InspectionLog:
             ).all()
             return self._inspections(conn, rows), int(total)
 
+    def verdict_counts(self) -> dict[str, dict[str, int]]:
+        """model -> {verdict: how many of its inspections the log holds with that verdict}.
+
+        One GROUP BY over the whole log. Models with inspections only; every verdict is listed
+        for them (0 where none). A NULL verdict (never written by :meth:`add_inspection`) counts
+        as ``none``.
+        """
+        i = inspections_table
+        query = sa.select(i.c.model, i.c.verdict, sa.func.count()).group_by(i.c.model, i.c.verdict)
+        counts: dict[str, dict[str, int]] = {}
+        with self._read("count inspections") as conn:
+            for model, verdict, n in conn.execute(query):
+                per_model = counts.setdefault(model, dict.fromkeys(VERDICTS, 0))
+                name = "none" if verdict is None else verdict
+                per_model[name] = per_model.get(name, 0) + int(n)
+        return counts
+
     # ---- feedback ----------------------------------------------------------------------------
 
     def add_feedback(

@@ -298,16 +298,8 @@
 
   // ---------------------------------------------------------------- models and counters
 
-  async function verdictCounts(name) {
-    const counts = {};
-    await Promise.all(
-      VERDICTS.map(async (verdict) => {
-        const q = new URLSearchParams({ model: name, verdict, limit: "1", offset: "0" });
-        counts[verdict] = (await getJSON(`/v1/inspections?${q}`)).total;
-      }),
-    );
-    return counts;
-  }
+  // The per-verdict counters come with /v1/models (its `inspections` field): one request per refresh.
+  const verdictCounts = (model) => (model.inspections && typeof model.inspections === "object" ? model.inspections : null);
 
   async function loadModels() {
     let models;
@@ -317,15 +309,9 @@
       $("models-msg").textContent = `Models could not be loaded: ${err.message}`;
       return;
     }
-    let counts = [];
-    try {
-      counts = await Promise.all(models.map((m) => verdictCounts(m.name)));
-      $("models-msg").textContent = models.length ? "" : "The service serves no model.";
-    } catch (err) {
-      $("models-msg").textContent = `Counters could not be loaded: ${err.message}`;
-    }
+    $("models-msg").textContent = models.length ? "" : "The service serves no model.";
     state.models = models;
-    renderModels(models, counts);
+    renderModels(models, models.map(verdictCounts));
   }
 
   function renderModels(models, counts) {
@@ -370,7 +356,7 @@
       if (c) {
         for (const verdict of VERDICTS) {
           countsNode.append(
-            el("span", { class: `count ${verdictClass(verdict)}`, "data-verdict": verdict, text: `${c[verdict]} ${verdict}` }),
+            el("span", { class: `count ${verdictClass(verdict)}`, "data-verdict": verdict, text: `${c[verdict] || 0} ${verdict}` }),
           );
         }
       }
