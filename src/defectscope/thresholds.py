@@ -113,10 +113,6 @@ class RateEstimate:
         low, high = self.interval
         return {"count": self.count, "n": self.n, "rate": self.rate, "interval": [low, high]}
 
-    def describe(self) -> str:
-        low, high = self.interval
-        return f"{self.rate:.1%} ({self.count}/{self.n}; {CONFIDENCE:.0%} interval {low:.1%}-{high:.1%})"
-
 
 @dataclass(frozen=True)
 class Calibration:
@@ -283,15 +279,23 @@ def calibrate(
     if n == 0:
         raise ValueError("calibration needs at least one held-out good image")
     check_rule_setting(rule, false_alarm_rate, sigmas, target_recall, confidence)
-    if rule == CONFORMAL and confidence is not None:
-        k = confident_rank(n, false_alarm_rate, confidence)
+    if rule == CONFORMAL:
+        k = (
+            conformal_rank(n, false_alarm_rate)
+            if confidence is None
+            else confident_rank(n, false_alarm_rate, confidence)
+        )
         notes: tuple[str, ...] = ()
         if k > n:
+            if confidence is None:
+                unmet = f"cannot support a false-alarm rate of {false_alarm_rate:g}"
+                needed = held_out_needed(false_alarm_rate)
+            else:
+                unmet = f"cannot keep the false-alarm rate under {false_alarm_rate:g} with {confidence:.0%} confidence"
+                needed = held_out_needed_confident(false_alarm_rate, confidence)
             notes = (
-                f"{n} held-out good image(s) cannot keep the false-alarm rate under {false_alarm_rate:g} with "
-                f"{confidence:.0%} confidence (that needs at least "
-                f"{held_out_needed_confident(false_alarm_rate, confidence)}); "
-                "the threshold is the highest held-out score",
+                f"{n} held-out good image(s) {unmet} (that needs at least {needed}); the threshold is the highest "
+                f"held-out score, which bounds the rate by {1 / (n + 1):.3g} only",
             )
             k = n
         return Calibration(
@@ -304,17 +308,6 @@ def calibrate(
             confidence=confidence,
             notes=notes,
         )
-    if rule == CONFORMAL:
-        k = conformal_rank(n, false_alarm_rate)
-        notes = ()
-        if k > n:
-            notes = (
-                f"{n} held-out good image(s) cannot support a false-alarm rate of {false_alarm_rate:g} "
-                f"(that needs at least {held_out_needed(false_alarm_rate)}); the threshold is the highest "
-                f"held-out score, which bounds the rate by {1 / (n + 1):.3g} only",
-            )
-            k = n
-        return Calibration(CONFORMAL, good[k - 1], n, good, defects, false_alarm_rate=false_alarm_rate, notes=notes)
     if rule == MEAN_SIGMA:
         values = np.asarray(good)
         mean, top = float(values.mean()), float(values.max())
@@ -351,6 +344,12 @@ def check_rule_setting(
         raise ValueError(f"false_alarm_confidence must be between 0 and 1 (or none), got {confidence}")
 
 
+def describe_rate(entry: dict[str, Any]) -> str:
+    """A rate of :meth:`RateEstimate.to_dict` for people: ``4.8% (3/63; 95% interval 1.0%-13.3%)``."""
+    low, high = entry["interval"]
+    return f"{entry['rate']:.1%} ({entry['count']}/{entry['n']}; {CONFIDENCE:.0%} interval {low:.1%}-{high:.1%})"
+
+
 def describe_calibration(summary: dict[str, Any]) -> str:
     """One line for people from :meth:`Calibration.summary`: the threshold, its rule and its promises."""
     rule = summary["rule"]
@@ -372,9 +371,7 @@ def describe_calibration(summary: dict[str, Any]) -> str:
         text += f", misses expected <= {summary['miss_bound']:.1%}"
     for key, what in (("miss", "held-out defects missed"), ("held_out_false_alarms", "held-out good flagged")):
         if key in summary:
-            entry = summary[key]
-            low, high = entry["interval"]
-            text += f"; {what}: {entry['rate']:.1%} ({entry['count']}/{entry['n']}, 95% interval {low:.1%}-{high:.1%})"
+            text += f"; {what}: {describe_rate(summary[key])}"
     return text
 
 

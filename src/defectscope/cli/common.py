@@ -28,11 +28,16 @@ def non_negative_int(text: str) -> int:
     return _whole_number(text, 0)
 
 
-def _number(text: str) -> float:
+def parse_number(text: str, what: str = "a number") -> float:
+    """``text`` as a float, or an argparse error saying that ``what`` was expected."""
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+
+def _number(text: str) -> float:
+    value = parse_number(text)
     if value != value or value in (float("inf"), float("-inf")):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value

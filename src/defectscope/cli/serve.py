@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import DefectscopeError, OutputError
 from ..serve.settings import ServeSettings
-from .common import add_device, info, positive_int
+from .common import add_device, info, parse_number, positive_int
 
 DEFAULT_DATA_DIR = Path("defectscope-data")
 #: The token file made in the data folder when neither --token-file nor --no-auth is given.
@@ -160,10 +160,7 @@ def _stopped_by_signals() -> Iterator[None]:
 
 
 def _days(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of days, got {text!r}") from None
+    value = parse_number(text, "a number of days")
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number of days, got {text}")
     return value

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..records import EXIT_IMAGES_ERRORED
-from .common import add_device, info, positive_int
+from .common import add_device, info, parse_number, positive_int
 from .serve import DEFAULT_DATA_DIR
 
 #: Exit status after SIGTERM (128 + 15), as a shell reports a process it terminated.
@@ -23,10 +23,7 @@ EXIT_INTERRUPTED = 130
 
 def seconds(text: str) -> float:
     """An argparse type: a poll interval, a finite number of seconds in (0, 3600]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    value = parse_number(text, "a number of seconds")
     if not math.isfinite(value) or not 0 < value <= 3600:
         raise argparse.ArgumentTypeError(f"must be more than 0 and at most 3600 seconds, got {text}")
     return value

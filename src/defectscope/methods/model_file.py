@@ -41,7 +41,7 @@ from .. import __version__
 from ..checkpoint import sha256_file, write_safetensors
 from ..errors import DefectscopeError, ModelFileError
 from ..outputs import StagedFiles, json_safe, make_folder
-from ..thresholds import CONFORMAL, MEAN_SIGMA, RECALL, RULES, Calibration
+from ..thresholds import CONFORMAL, MEAN_SIGMA, RULE_SETTINGS, RULES, Calibration
 
 if TYPE_CHECKING:
     from .base import Detector
@@ -74,8 +74,6 @@ ADDED_PARAMS: dict[str, Any] = {
     "false_alarm_confidence": None,
     "target_recall": 0.95,
 }
-#: The parameter holding each rule's setting, and the calibration field it must equal.
-_RULE_SETTING = {CONFORMAL: "false_alarm_rate", MEAN_SIGMA: "threshold_sigmas", RECALL: "target_recall"}
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,59}")
@@ -279,7 +277,7 @@ def validate_config(config: Any, where: str) -> None:
         if parsed.rule != params.get("threshold_rule"):
             rule = _short(params.get("threshold_rule"))
             fail(f"calibration.rule {parsed.rule} differs from params.threshold_rule {rule}")
-        name = _RULE_SETTING[parsed.rule]
+        name = RULE_SETTINGS[parsed.rule]  # the parameter holding the rule's setting
         stored = getattr(parsed, "sigmas" if name == "threshold_sigmas" else name)
         if stored != params.get(name):
             field = "sigmas" if name == "threshold_sigmas" else name

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..records import Record
-from ..thresholds import RateEstimate
+from ..thresholds import RateEstimate, describe_rate
 
 
 def verdict_summary(records: Iterable[Record]) -> dict[str, Any] | None:
@@ -49,10 +49,7 @@ def describe_verdicts(summary: dict[str, Any]) -> list[str]:
     counts = summary["counts"]
 
     def rate(entry: dict[str, Any]) -> str:
-        if not entry["n"]:
-            return "n/a (none in the test set)"
-        low, high = entry["interval"]
-        return f"{entry['rate']:.1%} ({entry['count']}/{entry['n']}; 95% interval {low:.1%}-{high:.1%})"
+        return describe_rate(entry) if entry["n"] else "n/a (none in the test set)"
 
     lines = [
         f"false alarms (good judged anomalous): {rate(summary['false_alarms'])}",

@@ -24,7 +24,7 @@ from ..errors import DataError, DefectscopeError
 from ..methods import Detector, load
 from ..methods.model_file import save_calibration
 from ..progress import Log, quiet
-from ..thresholds import RECALL, Calibration, chosen_rule
+from ..thresholds import RECALL, Calibration, check_rule_setting, chosen_rule
 from .info import run_info
 
 
@@ -147,12 +147,18 @@ def calibrate_run(
         raise DefectscopeError(
             "nothing to change: give --good / --defects images or a new setting (--false-alarm-rate, --rule, ...)"
         )
+    try:
+        check_rule_setting(
+            params["threshold_rule"],
+            params["false_alarm_rate"],
+            params["threshold_sigmas"],
+            params["target_recall"],
+            params["false_alarm_confidence"],
+        )
+    except ValueError as exc:
+        raise DefectscopeError(f"calibrate: {exc}") from None
     for key, value in params.items():
         setattr(detector, key, value)
-    try:
-        type(detector)(**detector.get_params())  # the constructor's range checks, with one-line errors
-    except DefectscopeError as exc:
-        raise DefectscopeError(f"calibrate: {exc}") from None
     if params["threshold_rule"] == RECALL and not stored_defects and not defect_samples:
         raise DefectscopeError("the recall rule sets the threshold from labelled defects: give them with --defects DIR")
     if good_samples:
