@@ -48,7 +48,9 @@ def test_test_writes_metrics_csv_and_overlays(run: Path, tmp_path: Path, capsys:
     summary = json.loads((tmp_path / "metrics.json").read_text())
     assert summary["metrics"]["image_auroc"] >= 0.9
     rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
-    assert len(rows) == summary["n_images"] == len(list((tmp_path / "overlays").glob("*.png")))
+    assert len(rows) == summary["n_images"] == len(list((tmp_path / "overlays").glob("*.jpg")))
+    assert len(list((tmp_path / "overlays" / "full").glob("*.jpg"))) == len(rows)
+    assert summary["model"]["method"] == "patchcore" and summary["model"]["geometry"].startswith("square")
     assert {r["defect_type"] for r in rows} >= {"good", "broken_large"}
 
 

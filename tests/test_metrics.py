@@ -12,10 +12,12 @@ from scipy import ndimage
 from sklearn import metrics as skm
 
 from defectscope.metrics import (
+    assess,
     aupro,
     auroc,
     average_precision,
     compute_metrics,
+    compute_metrics_and_curves,
     f1_max,
     image_metrics,
     pixel_metrics,
@@ -30,21 +32,25 @@ SIZE = 64  # real-data masks and maps are resized to SIZE x SIZE
 # --- references written plainly, independent of the implementation -------------------------
 
 
-def reference_pro_points(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """PRO curve by brute force: every distinct score, every region labelled image by image."""
-    regions = []
+def reference_pro_points(masks, maps) -> tuple[np.ndarray, np.ndarray]:
+    """PRO curve by brute force: every distinct score, every region labelled image by image.
+
+    ``masks`` and ``maps`` are stacks or lists of 2-D arrays of any sizes.
+    """
+    regions, normal = [], []
     for mask, amap in zip(masks, maps):
         labelled, n = ndimage.label(mask, structure=np.ones((3, 3)))
         regions += [amap[labelled == i] for i in range(1, n + 1)]
-    normal = maps[~masks]
+        normal.append(amap[~mask])
+    normal = np.concatenate(normal)
     fprs, pros = [0.0], [0.0]
-    for t in np.unique(maps)[::-1]:
+    for t in np.unique(np.concatenate([np.ravel(a) for a in maps]))[::-1]:
         fprs.append(np.mean(normal >= t))
         pros.append(np.mean([np.mean(region >= t) for region in regions]))
     return np.array(fprs), np.array(pros)
 
 
-def reference_aupro(masks: np.ndarray, maps: np.ndarray, limit: float = 0.3) -> float:
+def reference_aupro(masks, maps, limit: float = 0.3) -> float:
     return reference_area(*reference_pro_points(masks, maps), limit) / limit
 
 
@@ -90,6 +96,24 @@ def random_pixel_case(seed: int, n: int = 6, size: int = 24, decimals: int | Non
     masks[0] = False
     maps = rng.normal(size=masks.shape) * 0.6 + masks
     return masks, maps if decimals is None else np.round(maps, decimals)
+
+
+def random_ragged_case(seed: int, n: int = 6, decimals: int | None = 1):
+    """Like random_pixel_case, but every image has its own size: lists of 2-D masks and maps."""
+    rng = np.random.default_rng(seed)
+    masks, maps = [], []
+    for i in range(n):
+        shape = tuple(int(v) for v in rng.integers(14, 34, size=2))
+        field = ndimage.gaussian_filter(rng.random(shape), sigma=1.5)
+        mask = (field > np.quantile(field, 0.85)) & (i > 0)
+        amap = rng.normal(size=shape) * 0.6 + mask
+        masks.append(mask)
+        maps.append(amap if decimals is None else np.round(amap, decimals))
+    return masks, maps
+
+
+def n_regions(masks) -> int:
+    return sum(ndimage.label(m, structure=np.ones((3, 3)))[1] for m in masks)
 
 
 def load_rgb(path: Path) -> np.ndarray:
@@ -372,3 +396,130 @@ def test_bad_compute_metrics_inputs_raise() -> None:
         compute_metrics(labels, scores, masks=masks)
     with pytest.raises(ValueError, match="image labels"):
         compute_metrics(labels[:-1], scores[:-1], masks, maps)
+
+
+# --- images of different sizes: lists of 2-D masks and maps ---------------------------------
+
+
+def assert_same_results(a: tuple, b: tuple) -> None:
+    """Exactly equal (metrics, curves[, notes]) from assess / compute_metrics_and_curves."""
+    assert a[0] == b[0] and a[2:] == b[2:]
+    assert a[1].keys() == b[1].keys()
+    for key in a[1]:
+        for x, y in zip(a[1][key], b[1][key]):
+            np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize(("seed", "decimals"), [(0, 1), (1, None), (2, 0)])
+def test_lists_of_equal_shapes_give_exactly_the_stacked_results(seed: int, decimals: int | None) -> None:
+    masks, maps = random_pixel_case(seed, decimals=decimals)
+    maps = maps.astype(np.float32)
+    assert n_regions(masks) >= 2 * (len(masks) - 1)  # several regions per defective image
+    labels = masks.any(axis=(1, 2))
+    scores = maps.max(axis=(1, 2))
+    as_objects = np.empty(len(maps), dtype=object)
+    as_objects[:] = list(maps)
+    for m, a in [(list(masks), list(maps)), (masks, list(maps)), (tuple(masks), maps), (masks, as_objects)]:
+        assert pixel_metrics(m, a) == pixel_metrics(masks, maps)
+        for x, y in zip(pro_curve(m, a), pro_curve(masks, maps)):
+            np.testing.assert_array_equal(x, y)
+        assert aupro(m, a, fpr_limit=0.05) == aupro(masks, maps, fpr_limit=0.05)
+        assert compute_metrics(labels, scores, m, a) == compute_metrics(labels, scores, masks, maps)
+        assert_same_results(
+            compute_metrics_and_curves(labels, scores, m, a), compute_metrics_and_curves(labels, scores, masks, maps)
+        )
+        assert_same_results(assess(labels, scores, m, a), assess(labels, scores, masks, maps))
+
+
+def test_ragged_pixel_metrics_by_hand() -> None:
+    # Image 0 (2 x 3): region A, 1 pixel at 0.9; one of 5 normal pixels at 0.5.
+    # Image 1 (4 x 2): region B, 3 pixels at 0.9, 0.2, 0.2; one of 5 normal pixels at 0.5.
+    masks = [np.zeros((2, 3), bool), np.zeros((4, 2), bool)]
+    maps = [np.zeros((2, 3)), np.zeros((4, 2))]
+    masks[0][0, 0], maps[0][0, 0], maps[0][1, 2] = True, 0.9, 0.5
+    masks[1][1:, 0], maps[1][1:, 0], maps[1][0, 1] = True, [0.9, 0.2, 0.2], 0.5
+    fpr, pro = pro_curve(masks, maps)
+    np.testing.assert_allclose(fpr, [0, 0, 0.2, 0.2, 1])
+    np.testing.assert_allclose(pro, [0, 2 / 3, 2 / 3, 1, 1])
+    assert aupro(masks, maps) == pytest.approx(7 / 9, abs=1e-12)  # (0.2 * 2/3 + 0.1 * 1) / 0.3
+    # 40 (anomalous, normal) pairs: the two 0.9 beat all 10, the two 0.2 beat the 8 zeros.
+    assert pixel_metrics(masks, maps)["pixel_auroc"] == pytest.approx(36 / 40, abs=1e-15)
+
+
+@pytest.mark.parametrize(("seed", "decimals"), [(0, 1), (1, 0), (2, None)])
+def test_ragged_pixel_metrics_match_pooled_pixels_and_reference(seed: int, decimals: int | None) -> None:
+    masks, maps = random_ragged_case(seed, decimals=decimals)
+    assert len({m.shape for m in masks}) == len(masks)
+    assert n_regions(masks) >= 2 * (len(masks) - 1)
+    flat_masks = np.concatenate([m.ravel() for m in masks])
+    flat_maps = np.concatenate([a.ravel() for a in maps])
+    labels = np.array([m.any() for m in masks])
+    scores = np.array([a.max() for a in maps])
+    expected = {
+        "pixel_auroc": pytest.approx(auroc(flat_masks, flat_maps), abs=1e-12),
+        "pixel_ap": pytest.approx(skm.average_precision_score(flat_masks, flat_maps), abs=1e-12),
+        "pixel_f1_max": pytest.approx(sklearn_f1_max(flat_masks, flat_maps), abs=1e-12),
+        "aupro": pytest.approx(reference_aupro(masks, maps), abs=1e-9),
+    }
+    assert pixel_metrics(masks, maps) == expected
+    assert compute_metrics(labels, scores, masks, maps) == {**image_metrics(labels, scores), **expected}
+    metrics, curves, notes = assess(labels, scores, masks, maps, np.ones(len(masks), bool))
+    assert metrics == {**image_metrics(labels, scores), **expected} and notes == [] and "pro" in curves
+    ref_fpr, ref_pro = reference_pro_points(masks, maps)
+    fpr, pro = pro_curve(masks, maps)
+    np.testing.assert_allclose(fpr, ref_fpr, atol=1e-12)
+    np.testing.assert_allclose(pro, ref_pro, atol=1e-12)
+
+
+def test_ragged_float32_and_float64_maps_mix() -> None:
+    masks, maps = random_ragged_case(3, decimals=None)
+    mixed = [a.astype(np.float32) if i % 2 else a for i, a in enumerate(maps)]
+    promoted = [a.astype(np.float64) for a in mixed]
+    assert pixel_metrics(masks, mixed) == pixel_metrics(masks, promoted)
+
+
+def test_assess_checks_ragged_inputs() -> None:
+    masks, maps = random_ragged_case(4)
+    labels = np.array([0, 1, 1, 1, 1, 1])
+    scores = labels + np.linspace(0, 0.5, labels.size)
+    names = list("abcdef")
+    masks[2] = np.zeros_like(masks[2])
+    metrics, _, notes = assess(labels, scores, masks, maps, names=names)
+    assert len(notes) == 1 and notes[0].startswith("c: defect image with an empty ground-truth mask")
+    assert metrics["pixel_auroc"] == pixel_metrics(masks, maps)["pixel_auroc"]
+    maps[4] = maps[4].copy()
+    maps[4][0, 0] = np.nan
+    metrics, _, notes = assess(labels, scores, masks, maps, names=names)
+    assert "pixel_auroc" not in metrics and "image_auroc" in metrics
+    assert notes[1:] == [
+        "pixel metrics skipped: 1 anomaly map(s) hold non-finite values",
+        "e: anomaly map holds non-finite values",
+    ]
+    empty = [np.zeros_like(m) for m in masks]
+    assert assess(labels, scores, empty, maps)[2][0].startswith(
+        "pixel metrics skipped: the ground-truth masks of all 5"
+    )
+    has_mask = np.array([True] * 5 + [False])
+    assert "image-level only" in assess(labels, scores, masks, maps, has_mask)[2][0]
+    with pytest.raises(ValueError, match="6 image labels but 5 masks/maps"):
+        assess(labels, scores, masks[:5], maps[:5])
+
+
+def test_bad_ragged_inputs_raise() -> None:
+    masks, maps = random_ragged_case(0)
+    cases = [
+        (masks, [*maps[:2], maps[2][:, :-1], *maps[3:]], r"mask and map of image 2 differ in shape"),
+        (masks, maps[:-1], "6 masks but 5 maps"),
+        ([], [], "empty"),
+        ([*masks[:1], np.zeros((0, 4), bool)], [*maps[:1], np.zeros((0, 4))], "image 1 are empty"),
+        ([masks[0][None]], [maps[0][None]], "image 0 must be 2-D"),
+        ([m.astype(np.uint8) * 255 for m in masks], maps, r"masks\[1\] must be bool or 0/1.*mask > 0"),
+        (masks, [*maps[:3], np.full(maps[3].shape, np.nan), *maps[4:]], "NaN"),
+        (masks, 3.0, "sequences of 2-D arrays"),
+    ]
+    for m, a, match in cases:
+        with pytest.raises(ValueError, match=match):
+            pixel_metrics(m, a)
+    labels = np.array([m.any() for m in masks])
+    with pytest.raises(ValueError, match="image labels"):
+        compute_metrics(labels[:-1], np.arange(5.0), masks, maps)

@@ -1,4 +1,5 @@
-"""`defectscope test` with PaDiM and SPADE end to end, and its HTML report: content, links and rendering."""
+"""`defectscope test` with PaDiM and SPADE end to end, and its HTML report: content, links and rendering
+(the report's parts on their own: test_report_page.py, test_report_images.py)."""
 
 import csv
 import json
@@ -73,7 +74,7 @@ class _ReportParser(HTMLParser):
         elif tag == "td" and self._in_metrics:
             self._in_cell = True
             self.cells.append("")
-        elif tag == "img":
+        elif tag == "img" and "src" in a:  # (the viewer's image has none until it opens)
             self.images.append(a["src"])
         elif tag == "svg":
             self._plot = a["data-plot"]
@@ -115,12 +116,15 @@ def test_report_holds_metrics_curves_and_every_image(tested: Path) -> None:
 
     table = dict(zip(parser.cells[::2], parser.cells[1::2]))
     assert table == {k: f"{v:.4f}" for k, v in summary["metrics"].items()}
-    assert set(parser.plots) == {"auroc", "ap", "aupro", "histogram"}
+    assert set(parser.plots) == {"auroc", "ap", "aupro", "histogram", "colour-bar"}
     assert all(2 <= parser.plots[k] <= 300 for k in ("auroc", "ap", "aupro"))
 
-    assert len(parser.images) == 2 * len(rows) == 2 * summary["n_images"]
-    assert all((tested / src).is_file() for src in parser.images)
-    assert len({src for src in parser.images}) == len(parser.images)
+    # One thumbnail per card; the viewer's full-resolution overlay and input beside it.
+    assert len(parser.images) == len(rows) == summary["n_images"]
+    linked = parser.images + [c[key] for c in parser.cards for key in ("data-overlay", "data-input")]
+    assert len(linked) == 3 * len(rows) and len(set(linked)) == len(linked)
+    assert all((tested / src).is_file() for src in linked)
+    assert {src for src in parser.images} == {r["overlay"] for r in rows}
 
     scores = [float(c["data-score"]) for c in parser.cards]
     assert len(parser.cards) == len(rows) and scores == sorted(scores, reverse=True)
@@ -219,5 +223,5 @@ def test_report_shows_reconstructions_of_reconstruction_methods(example_root: Pa
     assert main(["test", str(tmp_path / "run"), str(example_root), "--out", str(tmp_path / "t")]) == 0
     page = (tmp_path / "t" / "report.html").read_text()
     shown = sorted((tmp_path / "t" / "overlays" / "reconstructions").iterdir())
-    assert len(shown) == 17 and page.count('src="overlays/reconstructions/') == 17
-    assert "the model's reconstruction" in page
+    assert len(shown) == 17 and page.count('data-reconstruction="overlays/reconstructions/') == 17
+    assert "the reconstruction and the overlay" in page

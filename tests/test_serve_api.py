@@ -152,11 +152,13 @@ def test_overlay_and_heatmap_render_from_the_stored_files(client: TestClient, se
     assert overlay.headers["content-type"] == heatmap.headers["content-type"] == "image/png"
     shown = np.asarray(Image.open(io.BytesIO(overlay.content)).convert("RGB")).astype(int)
     colours = np.asarray(Image.open(io.BytesIO(heatmap.content)).convert("RGB"))
-    assert shown.shape == colours.shape == (64, 64, 3)
+    # the overlay at the image's own size, the map alone at the model's working resolution
+    assert shown.shape == (256, 256, 3) and colours.shape == (64, 64, 3)
     predict_run(serve_run, [BROKEN], heatmaps=tmp_path / "maps")
     written = np.asarray(Image.open(tmp_path / "maps" / "000_heatmap.png").convert("RGB")).astype(int)
-    # the stored map is float16: the colours may differ by a grey level where a value sits on a step
-    assert np.abs(shown - written).max() <= 2 and np.abs(shown - written).mean() < 0.05
+    # the stored map is float16: a value near a step of the 256-level colour scale may land one level
+    # away (at most 4 units of a colour channel), rarely
+    assert np.abs(shown - written).max() <= 4 and np.abs(shown - written).mean() < 0.05
     assert len(np.unique(colours.reshape(-1, 3), axis=0)) > 10  # a real colour map, not a flat image
 
 

@@ -6,6 +6,7 @@ import argparse
 import math
 from typing import Any
 
+from ..evaluate import PIXEL_RESOLUTIONS
 from ..metrics.verdicts import describe_verdicts
 from ..runs import EvalResult, evaluate_run
 from ..thresholds import describe_calibration
@@ -54,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         out=args.out,
         overlays=not args.no_overlays,
         batch_size=args.batch_size,
+        pixel_resolution=args.pixel_resolution,
         device=args.device,
         overwrite=args.overwrite,
         log=info,
@@ -94,6 +96,13 @@ def add_parser(sub: Any) -> None:
     )
     test.add_argument("--out", metavar="DIR", help="where to write results (default: RUN/test)")
     test.add_argument("--batch-size", type=positive_int, metavar="N", help="images per batch (default: the run's)")
+    test.add_argument(
+        "--pixel-resolution",
+        choices=PIXEL_RESOLUTIONS,
+        help="where pixel metrics compare maps and masks: native (each image's own size) or square (the "
+        "input-size square of the papers' protocol); default: square for models fitted with the square resize, "
+        "native for keep-aspect and tiles",
+    )
     test.add_argument(
         "--no-overlays", action="store_true", help="do not write heat-map overlay images (the report then shows none)"
     )

@@ -12,6 +12,7 @@ from ..records import NO_THRESHOLD_NOTE
 from ..runs import fit_run
 from ..thresholds import chosen_rule
 from .common import add_device, add_overwrite, info, positive_int
+from .geometry_args import add_geometry_args, geometry_from_args
 
 DEFAULT_METHOD = "patchcore"
 #: Shorthand flags for common method parameters: each is ``--set NAME=VALUE`` for the chosen method.
@@ -73,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         raise DefectscopeError(str(exc)) from None
     if rule is not None:
         params["threshold_rule"] = rule
+    geometry = geometry_from_args(args, params)
     result = fit_run(
         args.data,
         args.out,
@@ -81,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         category=args.category,
         categories=args.categories,
         labelled_defects=args.labelled_defects or 0,
+        geometry=geometry,
         defects_from=args.defects_from,
         device=args.device,
         resume=args.resume,
@@ -91,8 +94,10 @@ def run(args: argparse.Namespace) -> int:
         info(f"note: {NO_THRESHOLD_NOTE}")
     calibration = result.detector.calibration
     threshold = calibration.describe() if calibration is not None else "threshold: none (no held-out images)"
+    detector = result.detector
     print(
-        f"fitted in {result.info.fit_seconds:.1f} s on {result.info.n_fit_images} images; {threshold}\n"
+        f"fitted in {result.info.fit_seconds:.1f} s on {result.info.n_fit_images} images "
+        f"({detector.geometry.describe(detector.image_size)}); {threshold}\n"
         f"saved to {result.folder}"
     )
     return 0
@@ -157,6 +162,7 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="trained methods: continue from the last checkpoint in RUN/checkpoint instead of starting over",
     )
+    add_geometry_args(fit)
     add_overwrite(fit, "the model")
     add_device(fit)
     fit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any method parameter (see below)")

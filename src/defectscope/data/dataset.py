@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, NotRequired, Protocol, TypedDict
+from typing import Any, NotRequired, Protocol, TypedDict, TypeVar
 
 import torch
 from torch.utils.data import Dataset
@@ -14,6 +14,16 @@ from tqdm import tqdm
 from ..progress import progress_enabled
 from .image_io import Size, image_to_tensor, load_mask, mask_to_tensor, read_image, size_hw
 from .layouts import Sample
+
+T_co = TypeVar("T_co", covariant=True)
+
+
+class Indexed(Protocol[T_co]):
+    """Anything with a length that returns an item for each index below it."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int, /) -> T_co: ...
 
 
 class ItemSource(Protocol):
@@ -93,7 +103,7 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def _ordered_items(dataset: ItemSource, threads: int, window: int) -> Iterator[dict[str, Any]]:
+def ordered_items(dataset: Indexed[T_co], threads: int, window: int) -> Iterator[T_co]:
     """Dataset items in order, decoded ahead by a thread pool with at most ``window`` in flight.
 
     Pillow and torch release the GIL while decoding and resizing, so threads use all cores
@@ -105,7 +115,7 @@ def _ordered_items(dataset: ItemSource, threads: int, window: int) -> Iterator[d
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="defectscope-decode")
     try:
         indices = iter(range(len(dataset)))
-        pending: deque[Future[dict[str, Any]]] = deque(
+        pending: deque[Future[T_co]] = deque(
             pool.submit(dataset.__getitem__, i) for _, i in zip(range(window), indices)
         )
         while pending:
@@ -133,7 +143,7 @@ def iterate_batches(
     hide = desc is None or not progress_enabled()
     with tqdm(total=len(dataset), desc=desc, unit="img", disable=hide) as progress:
         items: list[dict[str, Any]] = []
-        for item in _ordered_items(dataset, threads, window=2 * max(batch_size, threads)):
+        for item in ordered_items(dataset, threads, window=2 * max(batch_size, threads)):
             items.append(item)
             if len(items) == batch_size:
                 progress.update(len(items))

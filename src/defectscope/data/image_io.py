@@ -188,6 +188,33 @@ def _decode(
     return upright, full_size
 
 
+def image_header_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """The (W, H) an image file will have once read (EXIF orientation applied), from its header only.
+
+    The same one-line :class:`DataError` as :func:`read_image` for missing, empty or unreadable
+    files and for images over the pixel limit; the pixels are not decoded.
+    """
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return _open(path, "image")[1]  # the reader's own message for a missing or empty file
+    limit = max_image_pixels()
+    try:
+        with open(path, "rb") as file, _pillow_quietly():
+            img = Image.open(file)
+            width, height = img.size
+            orientation = img.getexif().get(_ORIENTATION_TAG)
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not a readable image (unknown or corrupt format)") from None
+    except Exception as exc:
+        raise DataError(f"{path}: cannot read image ({_one_line(exc)})") from None
+    if width * height > limit:
+        raise DataError(
+            f"{path}: image is {width}x{height} = {width * height} pixels, over the limit of {limit} "
+            f"(raise it with {MAX_PIXELS_ENV})"
+        )
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
 def read_image(path: str | os.PathLike[str], draft_to: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
     """:func:`load_image` plus the full (W, H), for callers that resize to at most ``draft_to``.
 
@@ -291,12 +318,21 @@ def size_hw(size: Size) -> tuple[int, int]:
 def image_to_tensor(img: Image.Image, size: Size) -> torch.Tensor:
     """RGB image -> float32 (3, H, W) tensor in [0, 1], resized bilinearly with antialiasing.
 
+    The resize runs on the 8-bit pixels (:func:`resize_uint8`), and only the small result is
+    converted to float.
+    """
+    return resize_uint8(img, size).to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+
+
+def resize_uint8(img: Image.Image, size: Size) -> torch.Tensor:
+    """RGB image -> uint8 (3, H, W) tensor, resized bilinearly with antialiasing.
+
     The resize runs on the 8-bit channels-last pixels (torch's vectorised uint8 path, several
     times faster than float on large images; within one grey level of a float resize and of
-    Pillow's bilinear), and only the small result is converted to float. An image more than
-    three times the target on both sides is first box-averaged by an integer factor (keeping
-    both sides at least three times the target, the same margin as the JPEG draft): the copies
-    the resize needs are then small instead of several times the full image.
+    Pillow's bilinear). An image more than three times the target on both sides is first
+    box-averaged by an integer factor (keeping both sides at least three times the target, the
+    same margin as the JPEG draft): the copies the resize needs are then small instead of
+    several times the full image.
     """
     height, width = size_hw(size)
     if img.mode != "RGB":
@@ -308,7 +344,7 @@ def image_to_tensor(img: Image.Image, size: Size) -> torch.Tensor:
     chw = pixels.permute(2, 0, 1).unsqueeze(0)
     if chw.shape[-2:] != (height, width):
         chw = F.interpolate(chw, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
-    return chw[0].to(torch.float32, memory_format=torch.contiguous_format).div_(255.0)
+    return chw[0]
 
 
 def mask_to_tensor(mask: np.ndarray, size: Size) -> torch.Tensor:

@@ -12,7 +12,7 @@ import inspect
 import os
 import time
 from abc import ABC, ABCMeta, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
@@ -20,10 +20,13 @@ from typing import Any, ClassVar, Self, TypeVar
 import numpy as np
 import torch
 
-from ..data import ImageDataset, Sample, iterate_batches
+from ..data import ImageDataset, Sample
 from ..data.dataset import Batch
 from ..data.sources import training_samples
 from ..errors import DefectscopeError
+from ..geometry import Geometry
+from ..geometry.inspect import Inspected, inspect_samples
+from ..geometry.sources import check_region, view_dataset
 from ..thresholds import (
     DEFAULT_FALSE_ALARM_RATE,
     DEFAULT_RULE,
@@ -80,6 +83,8 @@ class Detector(ABC, metaclass=_CheckedParams):
     extra_config_keys: ClassVar[dict[str, type]] = {}
     #: One-line help of a method's own parameters (shared ones are in :data:`.params.HELP`).
     param_help: ClassVar[dict[str, str]] = {}
+    #: False for methods that pair each training item with its own image (they cannot fit on tiles).
+    fits_on_tiles: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -124,6 +129,8 @@ class Detector(ABC, metaclass=_CheckedParams):
         #: What the run layer recorded about the run that fitted this model (``config.json``'s ``run``).
         self.run_info: dict[str, Any] | None = None
         self.labelled_defects: list[Sample] = []
+        #: How images become this method's inputs (:mod:`defectscope.geometry`); set by :meth:`fit`.
+        self.geometry = Geometry()
         self.device = torch.device("cpu")
 
     def to(self, device: str | torch.device) -> Self:
@@ -210,6 +217,7 @@ class Detector(ABC, metaclass=_CheckedParams):
         defects: Iterable[Sample] | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         resume: bool = False,
+        geometry: Geometry | None = None,
     ) -> Self:
         """Fit on good images and calibrate the decision threshold on a held-out slice of them.
 
@@ -221,10 +229,17 @@ class Detector(ABC, metaclass=_CheckedParams):
         miss rate at the threshold and serve the ``recall`` threshold rule. The threshold follows
         ``threshold_rule`` (:mod:`defectscope.thresholds`). Methods trained in epochs save their training
         state in ``checkpoint_dir`` as they go and continue from it with ``resume=True``; the
-        others ignore ``checkpoint_dir`` and refuse ``resume``.
+        others ignore ``checkpoint_dir`` and refuse ``resume``. ``geometry`` (default: the square
+        resize) says how images become the method's inputs; it is saved with the model.
         """
         self._start_run(None if checkpoint_dir is None else Path(checkpoint_dir), resume)
-        samples = list(data.samples) if isinstance(data, ImageDataset) else training_samples(data)
+        if isinstance(data, ImageDataset):  # a dataset of views lists each image once in ``images``
+            samples = list(getattr(data, "images", data.samples))
+        else:
+            samples = training_samples(data)
+        if geometry is not None:
+            self.check_geometry(geometry, samples)
+            self.geometry = geometry
         self.labelled_defects = list(defects or [])
         not_defects = [s.path for s in self.labelled_defects if s.label != 1]
         if not_defects:
@@ -240,9 +255,11 @@ class Detector(ABC, metaclass=_CheckedParams):
         fit_part, calib_part = split_calibration(samples, self.calibration_fraction, self.seed)
         torch.manual_seed(self.seed)
         start = time.perf_counter()
-        self._fit(ImageDataset(fit_part, self.image_size))
+        dataset = self.fit_dataset(fit_part)
+        self._fit(dataset)
         self.fit_info = {
             "n_fit_images": len(fit_part),
+            **({"n_fit_views": len(dataset)} if len(dataset) != len(fit_part) else {}),
             "n_calibration_images": len(calib_part),
             "categories": sorted({s.category for s in samples}),
             "labelled_defects": [str(s.path) for s in self.labelled_defects],
@@ -256,6 +273,16 @@ class Detector(ABC, metaclass=_CheckedParams):
             )
         self.fit_info["fit_seconds"] = round(time.perf_counter() - start, 3)
         return self
+
+    def check_geometry(self, geometry: Geometry, samples: list[Sample]) -> None:
+        """Refuse, before any fitting, a geometry this method cannot fit with, or a region of interest
+        that does not fit in one of ``samples`` (read from the files' headers)."""
+        if geometry.tile is not None and not self.fits_on_tiles:
+            raise DefectscopeError(
+                f"{self.name} pairs each training image with its own features and cannot fit on tiles; "
+                "use --resize keep-aspect (or square) for it"
+            )
+        check_region(samples, geometry)
 
     def check_threshold_rule(self, defects: list[Sample]) -> None:
         """Refuse, before any fitting, a threshold rule that fitting with labelled ``defects`` cannot serve."""
@@ -275,13 +302,34 @@ class Detector(ABC, metaclass=_CheckedParams):
                 f"labelled defects, got {n_defects} (give them with --labelled-defects, or lower --target-recall)"
             )
 
+    def fit_dataset(self, samples: list[Sample]) -> ImageDataset:
+        """The items a method fits on for ``samples``: their views under this detector's geometry."""
+        return view_dataset(samples, self.image_size, self.geometry)
+
+    def inspect(
+        self,
+        samples: list[Sample],
+        *,
+        batch_size: int | None = None,
+        native: bool = False,
+        masks: bool = False,
+        desc: str | None = None,
+    ) -> Iterator[Inspected]:
+        """Score whole image files under this detector's geometry, in order (see :func:`inspect_samples`)."""
+        return inspect_samples(
+            self.predict,
+            samples,
+            self.geometry,
+            self.image_size,
+            batch_size or self.batch_size,
+            native=native,
+            masks=masks,
+            desc=desc,
+        )
+
     def score_samples(self, samples: list[Sample], desc: str) -> np.ndarray:
-        """Image anomaly scores (float64) of ``samples``, read and resized as for fitting."""
-        if not samples:
-            return np.zeros(0)
-        dataset = ImageDataset(samples, self.image_size)
-        scores = [self.predict(batch["image"]).scores for batch in iterate_batches(dataset, self.batch_size, desc=desc)]
-        return torch.cat(scores).double().numpy()
+        """Image anomaly scores (float64) of ``samples``, seen through the geometry as for fitting."""
+        return np.array([item.score for item in self.inspect(samples, desc=desc)], dtype=np.float64)
 
     def calibrate(self, good_scores: np.ndarray, defect_scores: np.ndarray | None = None) -> Calibration:
         """The threshold of this detector's rule from held-out good (and defect) scores; one-line errors."""

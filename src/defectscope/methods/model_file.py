@@ -40,6 +40,7 @@ from safetensors.torch import load_file
 from .. import __version__
 from ..checkpoint import sha256_file, write_safetensors
 from ..errors import DefectscopeError, ModelFileError
+from ..geometry import Geometry
 from ..outputs import StagedFiles, json_safe, make_folder
 from ..thresholds import CONFORMAL, MEAN_SIGMA, RULE_SETTINGS, RULES, Calibration
 
@@ -65,7 +66,7 @@ REQUIRED_KEYS = (
     "fit_info",
     "tensors_sha256",
 )
-OPTIONAL_KEYS = ("run", "calibration_history", "calibration_images")
+OPTIONAL_KEYS = ("run", "calibration_history", "calibration_images", "geometry")
 #: Constructor parameters added after format 1 was fixed, with the value that models saved
 #: before them behaved by (filled in when such a model is read).
 ADDED_PARAMS: dict[str, Any] = {
@@ -142,6 +143,8 @@ def _config_of(detector: Detector, tensors_sha256: str) -> dict[str, Any]:
         config["calibration_history"] = detector.calibration_history
     if detector.calibration_images:
         config["calibration_images"] = detector.calibration_images
+    if detector.geometry != Geometry():
+        config["geometry"] = detector.geometry.to_json()
     return config
 
 
@@ -290,6 +293,13 @@ def validate_config(config: Any, where: str) -> None:
     images = config.get("calibration_images", [])
     if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
         fail(f"calibration_images must be a list of paths, got {_short(images)}")
+    if "geometry" in config:
+        try:
+            geometry = Geometry.from_json(config["geometry"])
+        except DefectscopeError as exc:
+            fail(f"geometry: {exc}")
+        if geometry.tile is not None and not METHODS[method].fits_on_tiles:
+            fail(f"geometry: {method} cannot be fitted on tiles")
 
 
 def _check_history(history: Any, fail: Callable[[str], NoReturn]) -> None:
@@ -450,4 +460,5 @@ def load(folder: str | os.PathLike) -> Detector:
     detector.run_info = config.get("run")  # read by the run layer
     detector.calibration_history = list(config.get("calibration_history", []))
     detector.calibration_images = list(config.get("calibration_images", []))
+    detector.geometry = Geometry.from_json(config["geometry"]) if "geometry" in config else Geometry()
     return detector

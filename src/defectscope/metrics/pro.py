@@ -1,6 +1,7 @@
 """Per-region overlap (PRO) curve and AUPRO, as in the MVTec AD evaluation protocol.
 
-Regions are the 8-connected components of each image's ground-truth mask. At a threshold ``t``
+Regions are the 8-connected components of each image's ground-truth mask; images may differ in
+size when masks and maps come as sequences of 2-D arrays (:mod:`.pixels`). At a threshold ``t``
 PRO is the mean, over all regions of all images, of the fraction of the region's pixels scoring
 ``>= t``; FPR is the fraction of all normal pixels (good images included) scoring ``>= t``.
 AUPRO integrates PRO over FPR from 0 to ``fpr_limit`` (trapezoids, the end point interpolated)
@@ -16,50 +17,64 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from .ranking import (
-    Ranking,
-    as_binary,
-    as_scores,
-    rank_split,
-    require_both_classes,
-)
+from .pixels import Pixels, check_masks_maps, count_pixels
+from .ranking import Ranking, rank_split, require_both_classes
 
 # 8-connectivity within an image, never across images of the stack.
 _IN_PLANE_8 = np.zeros((3, 3, 3), dtype=bool)
 _IN_PLANE_8[1] = True
+_PLANE_8 = np.ones((3, 3), dtype=bool)
 
 
-def check_masks_maps(masks: object, maps: object) -> tuple[np.ndarray, np.ndarray]:
-    """Validate pixel-level inputs: ``(N, H, W)`` binary masks and real maps of the same shape."""
-    m = as_binary(masks, "masks")
-    a = as_scores(maps, "maps")
-    if m.ndim != 3 or a.ndim != 3:
-        raise ValueError(f"masks and maps must be (N, H, W) arrays, got shapes {m.shape} and {a.shape}")
-    if m.shape != a.shape:
-        raise ValueError(f"masks and maps differ in shape: {m.shape} vs {a.shape}")
-    if m.size == 0:
-        raise ValueError(f"masks and maps are empty (shape {m.shape})")
-    return m, a
+def _region_sizes(masks: np.ndarray) -> tuple[np.ndarray, int]:
+    """Size of the region of each anomalous pixel (``masks[masks]`` order) and the number of regions."""
+    regions, n_regions = ndimage.label(masks, structure=_IN_PLANE_8 if masks.ndim == 3 else _PLANE_8)
+    region_of_pixel = regions[masks]
+    sizes = np.bincount(region_of_pixel, minlength=n_regions + 1)
+    return sizes[region_of_pixel].astype(np.float64), n_regions
 
 
-def region_weights(masks: np.ndarray) -> np.ndarray:
-    """Weight ``1 / (n_regions * region_size)`` of each anomalous pixel, in ``masks[masks]`` order.
+def region_weights(masks: Pixels) -> np.ndarray:
+    """Weight ``1 / (n_regions * region_size)`` of each anomalous pixel, image after image in
+    ``mask[mask]`` order (that is ``masks[masks]`` for a stack).
 
     The weights of a region sum to ``1 / n_regions``: the region's share of the mean over regions.
     """
-    regions, n_regions = ndimage.label(masks, structure=_IN_PLANE_8)
-    region_of_pixel = regions[masks]
-    sizes = np.bincount(region_of_pixel, minlength=n_regions + 1)
-    return 1.0 / (n_regions * sizes[region_of_pixel].astype(np.float64))
+    if isinstance(masks, np.ndarray):
+        sizes, n_regions = _region_sizes(masks)
+    else:
+        parts = [_region_sizes(m) for m in masks]
+        sizes, n_regions = np.concatenate([p[0] for p in parts]), sum(p[1] for p in parts)
+    return 1.0 / (n_regions * sizes)
 
 
-def rank_pixels(masks: np.ndarray, maps: np.ndarray, compact: bool = True) -> Ranking:
+def _gather(masks: Pixels, maps: Pixels) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of the anomalous and of the normal pixels of all images, in the order of a stack."""
+    counts = [int(np.count_nonzero(m)) for m in masks]
+    dtype = np.result_type(*{a.dtype for a in maps})
+    pos = np.empty(sum(counts), dtype)
+    neg = np.empty(sum(a.size for a in maps) - pos.size, dtype)
+    i = j = 0
+    for m, a, k in zip(masks, maps, counts):  # one image at a time: no temporary of all pixels
+        pos[i : i + k] = a[m]
+        neg[j : j + a.size - k] = a[~m]
+        i, j = i + k, j + a.size - k
+    return pos, neg
+
+
+def rank_pixels(masks: Pixels, maps: Pixels, compact: bool = True) -> Ranking:
     """Rank all pixels once, carrying region weights so the same ranking also yields PRO.
 
+    ``masks`` and ``maps`` are validated (:func:`check_masks_maps`): both stacked or both lists.
     ``compact`` keeps only the thresholds that can change a metric value (exact and several
     times faster); the full curve for plots needs ``compact=False``.
     """
-    return rank_split(maps[masks], maps[~masks], region_weights(masks), compact=compact, name="maps")
+    weights = region_weights(masks)  # first: the labels of a stack are freed before its pixels are copied
+    if isinstance(masks, np.ndarray) and isinstance(maps, np.ndarray):
+        pos, neg = maps[masks], maps[~masks]
+    else:
+        pos, neg = _gather(masks, maps)
+    return rank_split(pos, neg, weights, compact=compact, overwrite=True, name="maps")
 
 
 def pro_points(r: Ranking) -> tuple[np.ndarray, np.ndarray]:
@@ -101,8 +116,7 @@ def aupro_from(r: Ranking, fpr_limit: float = 0.3) -> float:
 
 def _ranked(masks: object, maps: object, compact: bool) -> Ranking:
     m, a = check_masks_maps(masks, maps)
-    n_pos = int(np.count_nonzero(m))
-    require_both_classes(n_pos, m.size - n_pos, "masks", "pixel")
+    require_both_classes(*count_pixels(m), "masks", "pixel")
     return rank_pixels(m, a, compact)
 
 
@@ -115,7 +129,8 @@ def pro_curve(masks: object, maps: object) -> tuple[np.ndarray, np.ndarray]:
 
 
 def aupro(masks: object, maps: object, fpr_limit: float = 0.3) -> float:
-    """AUPRO of anomaly ``maps`` (N, H, W) against boolean ground-truth ``masks`` (N, H, W).
+    """AUPRO of anomaly ``maps`` against boolean ground-truth ``masks``: both (N, H, W), or
+    sequences of N 2-D arrays (one per image, each mask shaped like its map).
 
     Raises ValueError when the masks have no anomalous or no normal pixel.
     """

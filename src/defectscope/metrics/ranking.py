@@ -147,6 +147,7 @@ def rank_split(
     pos_weights: np.ndarray | None = None,
     *,
     compact: bool = False,
+    overwrite: bool = False,
     name: str = "scores",
 ) -> Ranking:
     """Rank positive and negative scores given separately (both classes non-empty).
@@ -154,10 +155,13 @@ def rank_split(
     With ``compact=False`` there is one threshold per distinct score (the full curves, as
     scikit-learn returns them); with ``compact=True`` only the thresholds that can change a
     metric value (see :func:`_corner_thresholds`), which is much faster for pixel-level data.
+    ``overwrite=True`` sorts the score arrays in place instead of copying them (for temporaries).
     """
-    neg_sorted = np.sort(neg_scores)
+    neg_sorted = neg_scores if overwrite else neg_scores.copy()
+    neg_sorted.sort()
     if pos_weights is None:
-        pos_sorted = np.sort(pos_scores)
+        pos_sorted = pos_scores if overwrite else pos_scores.copy()
+        pos_sorted.sort()
     else:
         pos_order = np.argsort(pos_scores, kind="stable")
         pos_sorted = pos_scores[pos_order]

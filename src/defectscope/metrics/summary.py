@@ -23,7 +23,8 @@ from .curves import (
     precision_recall_from,
     thin_curve,
 )
-from .pro import aupro_from, check_masks_maps, pro_points, rank_pixels
+from .pixels import Pixels, check_masks_maps, count_pixels, image_flags
+from .pro import aupro_from, pro_points, rank_pixels
 from .ranking import Ranking, rank
 
 PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1_max", "aupro")
@@ -46,21 +47,22 @@ def image_metrics(labels: object, scores: object) -> dict[str, float]:
 
 
 def pixel_metrics(masks: object, maps: object, fpr_limit: float = 0.3) -> dict[str, float]:
-    """Pixel AUROC, AP, F1-max and AUPRO of ``maps`` (N, H, W) against ``masks`` (N, H, W).
+    """Pixel AUROC, AP, F1-max and AUPRO of ``maps`` against ``masks``.
 
-    All four come from one ranking of all pixels. NaN for every value (and a RuntimeWarning)
-    when the masks contain only one class.
+    Both are (N, H, W) arrays or sequences of N 2-D arrays, one per image, whose shapes may
+    differ between images (each mask shaped like its map). All four come from one ranking of all
+    pixels. NaN for every value (and a RuntimeWarning) when the masks contain only one class.
     """
     m, a = check_masks_maps(masks, maps)
     return _pixel_metrics(m, a, fpr_limit, stacklevel=3)[0]
 
 
 def _pixel_metrics(
-    masks: np.ndarray, maps: np.ndarray, fpr_limit: float, stacklevel: int
+    masks: Pixels, maps: Pixels, fpr_limit: float, stacklevel: int
 ) -> tuple[dict[str, float], Ranking | None]:
     """Pixel metrics and the ranking they came from (None when the masks hold one class)."""
-    n_pos = int(np.count_nonzero(masks))
-    if n_pos == 0 or n_pos == masks.size:
+    n_pos, n_neg = count_pixels(masks)
+    if n_pos == 0 or n_neg == 0:
         missing = "anomalous" if n_pos == 0 else "normal"
         warnings.warn(
             f"masks contain no {missing} pixel; pixel metrics are NaN",
@@ -79,7 +81,10 @@ def _pixel_metrics(
 
 
 def compute_metrics(labels: object, scores: object, masks: object = None, maps: object = None) -> dict[str, float]:
-    """Image metrics, plus pixel metrics when both ``masks`` and ``maps`` are given."""
+    """Image metrics, plus pixel metrics when both ``masks`` and ``maps`` are given.
+
+    ``masks`` and ``maps`` are (N, H, W) arrays or sequences of N 2-D arrays (see :func:`pixel_metrics`).
+    """
     return _compute(labels, scores, masks, maps, n_points=None)[0]
 
 
@@ -109,15 +114,19 @@ def _compute(
         return result, curves
     if masks is None or maps is None:
         raise ValueError("pixel metrics need both masks and maps; got only one of them")
-    m, a = check_masks_maps(masks, maps)
-    n_images = np.shape(cast(ArrayLike, labels))[0]  # validated by rank()
-    if m.shape[0] != n_images:
-        raise ValueError(f"{n_images} image labels but {m.shape[0]} masks/maps")
+    m, a = _checked_pixels(masks, maps, np.shape(cast(ArrayLike, labels))[0])  # labels validated by rank()
     pixel, ranking = _pixel_metrics(m, a, PRO_FPR_LIMIT, stacklevel=4)
     result.update(pixel)
     if n_points is not None and ranking is not None:
         curves["pro"] = thin_curve(*_clip_curve(*pro_points(ranking), PRO_FPR_LIMIT), n_points)
     return result, curves
+
+
+def _checked_pixels(masks: object, maps: object, n_images: int) -> tuple[Pixels, Pixels]:
+    m, a = check_masks_maps(masks, maps)
+    if len(m) != n_images:
+        raise ValueError(f"{n_images} image labels but {len(m)} masks/maps")
+    return m, a
 
 
 def _clip_curve(x: np.ndarray, y: np.ndarray, x_max: float) -> Curve:
@@ -153,11 +162,12 @@ def assess(
 ) -> tuple[dict[str, float], dict[str, Curve], list[str]]:
     """Metrics, curves and notes of an evaluation, skipping what the data leaves undefined.
 
-    ``has_mask`` (N,) is False for images whose pixels must not be scored (defects without a
-    mask); ``names`` (N,) name the images in the notes. Image metrics are skipped with a note
-    when only one class or a non-finite score is present; pixel metrics when a defect image has
-    no mask, when a map holds a non-finite value, or when every defect image's mask is empty. A
-    defect image with an empty mask still counts as defective for the image metrics and adds no
+    ``masks`` and ``maps`` are (N, H, W) arrays or sequences of N 2-D arrays (one per image, sizes
+    may differ). ``has_mask`` (N,) is False for images whose pixels must not be scored (defects
+    without a mask); ``names`` (N,) name the images in the notes. Image metrics are skipped with
+    a note when only one class or a non-finite score is present; pixel metrics when a defect image
+    has no mask, when a map holds a non-finite value, or when every defect image's mask is empty.
+    A defect image with an empty mask still counts as defective for the image metrics and adds no
     defective pixel to the pixel metrics; a note names it.
     """
     y, s = np.asarray(labels), np.asarray(scores)
@@ -176,7 +186,6 @@ def assess(
     if masks is None or maps is None:
         metrics, curves = compute_metrics_and_curves(y, s, n_points=n_points)
         return metrics, curves, []
-    m, a = np.asarray(masks), np.asarray(maps)
     if has_mask is not None and not np.asarray(has_mask).all():
         metrics, curves = compute_metrics_and_curves(y, s, n_points=n_points)
         return (
@@ -184,9 +193,10 @@ def assess(
             curves,
             ["pixel metrics skipped: some defect images have no ground-truth mask (image-level only)"],
         )
+    m, a = _checked_pixels(masks, maps, n)
+    marked, finite_maps = image_flags(m, a)
     defect = y == 1
-    empty = defect & ~m.reshape(n, -1).any(axis=1)
-    finite_maps = np.isfinite(a.reshape(n, -1)).all(axis=1)
+    empty = defect & ~marked
     notes: list[str] = []
     pixels = True
     if empty[defect].all():

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-# Colour ramp from dark blue through cyan, yellow to red (a perceptually ordered "jet"-like ramp).
-_RAMP = np.array(
+#: Colour ramp from dark blue through cyan, yellow to red (a perceptually ordered "jet"-like ramp).
+RAMP = np.array(
     [[0, 0, 128], [0, 64, 255], [0, 200, 255], [80, 255, 160], [255, 230, 0], [255, 90, 0], [180, 0, 0]],
     dtype=np.float32,
 )
@@ -18,10 +18,10 @@ _RAMP = np.array(
 
 def colorize(values: np.ndarray) -> np.ndarray:
     """(H, W) values in [0, 1] -> (H, W, 3) uint8 colours."""
-    pos = np.clip(values, 0.0, 1.0) * (len(_RAMP) - 1)
-    low = np.floor(pos).astype(int).clip(0, len(_RAMP) - 2)
+    pos = np.clip(values, 0.0, 1.0) * (len(RAMP) - 1)
+    low = np.floor(pos).astype(int).clip(0, len(RAMP) - 2)
     frac = (pos - low)[..., None]
-    return (_RAMP[low] * (1 - frac) + _RAMP[low + 1] * frac).astype(np.uint8)
+    return (RAMP[low] * (1 - frac) + RAMP[low + 1] * frac).astype(np.uint8)
 
 
 def to_rgb(image: torch.Tensor) -> np.ndarray:
@@ -43,7 +43,7 @@ def overlay(
     return Image.fromarray(out)
 
 
-def display_max(threshold: float | None, amap: torch.Tensor) -> float:
+def display_max(threshold: float | None, amap: torch.Tensor | np.ndarray) -> float:
     """Top of the colour scale: 1.5 x the decision threshold (so red means anomalous), else the map's maximum."""
     return 1.5 * threshold if threshold else float(amap.max())
 

@@ -170,3 +170,39 @@ def _line_label(x: float, lines: Sequence[str], font_size: int = 11) -> str:
         f'rx="3" fill="#ffffff" fill-opacity="0.88" stroke="{_THRESHOLD}" stroke-width="0.8"/>'
         f'<text font-size="{font_size}" fill="#8a4f00">{text}</text></g>'
     )
+
+
+def colour_bar(threshold: float | None, ramp: Sequence[Sequence[float]], width: int = 420) -> str:
+    """The heat map's colour scale: ``ramp`` (RGB stops) from 0 to 1.5 x the threshold, the threshold
+    marked; without a threshold each image is coloured from 0 to its own maximum."""
+    left, right, top, bar = 10, 10, 20, 14
+    inner = width - left - right
+    stops = "".join(
+        f'<stop offset="{i / (len(ramp) - 1):.3f}" stop-color="rgb({int(r)},{int(g)},{int(b)})"/>'
+        for i, (r, g, b) in enumerate(ramp)
+    )
+    parts = [
+        f'<defs><linearGradient id="heat-ramp" x1="0" x2="1" y1="0" y2="0">{stops}</linearGradient></defs>',
+        f'<text x="{left}" y="13" font-size="12">anomaly map colours</text>',
+        f'<rect x="{left}" y="{top}" width="{inner}" height="{bar}" fill="url(#heat-ramp)" stroke="#888"/>',
+    ]
+    if threshold is not None and threshold > 0:
+        ticks = [
+            (0.0, "0", "start"),
+            (2 / 3, f"threshold {threshold:.4g}", "middle"),
+            (1.0, f"{1.5 * threshold:.4g}", "end"),
+        ]
+    else:
+        ticks = [(0.0, "0", "start"), (1.0, "the image's own maximum", "end")]
+    for at, text, anchor in ticks:
+        x = left + at * inner
+        weight = ' font-weight="bold"' if text.startswith("threshold") else ""
+        parts.append(
+            f'<line x1="{x:.1f}" y1="{top - 2}" x2="{x:.1f}" y2="{top + bar + 4}" stroke="#222" stroke-width="1.5"/>'
+            f'<text x="{x:.1f}" y="{top + bar + 16}" text-anchor="{anchor}" font-size="11"{weight}>{esc(text)}</text>'
+        )
+    height = top + bar + 22
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="colour-bar" data-plot="colour-bar" width="{width}" '
+        f'height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif">' + "".join(parts) + "</svg>"
+    )

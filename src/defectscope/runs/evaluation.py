@@ -8,27 +8,23 @@ model was fitted with are always left out, and the result says so.
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from ..data import Sample, folder_samples
-from ..data.dataset import Batch
 from ..data.sources import labelled_samples, resolve_categories
-from ..errors import DataError, DefectscopeError, OutputError
-from ..evaluate import evaluate
-from ..methods import Detector, Prediction, load
-from ..outputs import StagedFiles, atomic_save_image, atomic_write_json, json_text, make_folder, prepare_output_dir
+from ..errors import DataError, DefectscopeError
+from ..evaluate import PixelResolution, evaluate
+from ..methods import Detector, load
+from ..outputs import StagedFiles, atomic_write_json, json_text, prepare_output_dir
 from ..progress import Log, quiet
 from ..records import NO_THRESHOLD_NOTE, Record, format_records
 from ..report.html import write_report
-from ..report.overlay import display_max, overlay, to_rgb, unique_names
-from .info import RunInfo, run_info
+from ..report.images import ReportImages
+from .info import RunInfo, model_facts, run_info
 
 
 @dataclass
@@ -117,58 +113,6 @@ def _without_model_images(
     return kept, notes
 
 
-class _OverlayWriter:
-    """Writes each image's overlay, resized input and reconstruction into a new hidden folder that
-    :meth:`commit` puts in place of ``folder/overlays`` once every image is scored: a test that
-    fails half-way leaves the earlier overlays as they were."""
-
-    def __init__(self, folder: Path, samples: list[Sample], threshold: float | None) -> None:
-        self.final = folder / "overlays"
-        self.root = make_folder(folder / f".overlays.{uuid.uuid4().hex[:12]}.tmp" / "inputs", "overlays").parent
-        self.threshold = threshold
-        keys = [str(s.path) for s in samples]
-        self.names = dict(zip((str(s.path) for s in samples), unique_names(keys)))
-        self.with_reconstructions = False
-
-    def __call__(self, batch: Batch, pred: Prediction) -> list[str | None]:
-        written: list[str | None] = []
-        for i, path in enumerate(batch["path"]):
-            name = self.names[path]
-            mask = batch["mask"][i] if batch["has_mask"][i] else None
-            image = overlay(batch["image"][i], pred.maps[i], display_max(self.threshold, pred.maps[i]), mask)
-            atomic_save_image(self.root / f"{name}.png", image)
-            atomic_save_image(
-                self.root / "inputs" / f"{name}.jpg", Image.fromarray(to_rgb(batch["image"][i])), quality=90
-            )
-            if pred.reconstructions is not None:
-                (self.root / "reconstructions").mkdir(exist_ok=True)
-                self.with_reconstructions = True
-                atomic_save_image(
-                    self.root / "reconstructions" / f"{name}.jpg",
-                    Image.fromarray(to_rgb(pred.reconstructions[i])),
-                    quality=90,
-                )
-            written.append(f"overlays/{name}.png")
-        return written
-
-    def commit(self) -> None:
-        """Replace the earlier overlays folder (if any) by the new one."""
-        old = self.root.with_suffix(".old")
-        try:
-            if self.final.exists() or self.final.is_symlink():
-                os.replace(self.final, old)
-            os.replace(self.root, self.final)
-        except OSError as exc:
-            if old.exists() and not self.final.exists():
-                os.replace(old, self.final)
-            raise OutputError(f"{self.final}: cannot replace ({exc.strerror}); the earlier overlays are kept") from None
-        shutil.rmtree(old, ignore_errors=True)
-
-    def discard(self) -> None:
-        """Remove the new overlays if they were not committed."""
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
 def _evaluate_one(
     detector: Detector,
     samples: list[Sample],
@@ -179,18 +123,22 @@ def _evaluate_one(
     notes: list[str],
     overlays: bool,
     batch_size: int | None,
+    pixel_resolution: PixelResolution | None,
     log: Log,
 ) -> CategoryResult:
     log(f"testing {run} on {len(samples)} images from {source}")
     threshold = detector.calibration.threshold if detector.calibration else None
-    writer = _OverlayWriter(folder, samples, threshold) if overlays else None
+    writer = ReportImages(folder, [str(s.path) for s in samples], threshold) if overlays else None
     try:
-        result = evaluate(detector, samples, batch_size, on_batch=writer)
+        result = evaluate(
+            detector, samples, batch_size, on_item=writer.add if writer else None, pixel_resolution=pixel_resolution
+        )
         notes = notes + result.notes + ([NO_THRESHOLD_NOTE] if threshold is None else [])
         calibration = detector.calibration.summary() if detector.calibration else None
         summary = {
             "run": run,
             "data": source,
+            "model": model_facts(detector),
             "n_images": len(samples),
             "n_defective": sum(s.label for s in samples),
             "n_errors": sum(r.verdict == "error" for r in result.records),
@@ -198,6 +146,7 @@ def _evaluate_one(
             "threshold": threshold,
             "calibration": calibration,
             "metrics": result.metrics,
+            "pixel_resolution": result.pixel_resolution if result.metrics.get("pixel_auroc") is not None else None,
             "verdicts": result.verdicts,
             "notes": notes,
         }
@@ -247,6 +196,7 @@ def evaluate_run(
     out: str | os.PathLike[str] | None = None,
     overlays: bool = True,
     batch_size: int | None = None,
+    pixel_resolution: PixelResolution | None = None,
     device: str = "cpu",
     overwrite: bool = False,
     log: Log = quiet,
@@ -257,7 +207,9 @@ def evaluate_run(
     The test set is ``data`` (a category folder, or a root: the model's categories in it), the
     plain folders ``good`` / ``defects`` / ``masks``, or by default what the run was fitted on.
     Results go to ``out`` (default ``RUN/test``; a folder holding other files is refused unless
-    ``overwrite``); with several categories, one sub-folder per category plus the mean.
+    ``overwrite``); with several categories, one sub-folder per category plus the mean. Pixel
+    metrics compare maps and masks at ``pixel_resolution`` (``native`` or ``square``; default
+    :func:`~defectscope.evaluate.default_resolution` of the model's geometry).
     """
     detector = detector or load(run).to(device)
     info = run_info(detector)
@@ -287,7 +239,11 @@ def evaluate_run(
         if name:
             prepare_output_dir(sub, overwrite=overwrite, what="test results")
             log(f"\n== {name} ==")
-        parts.append(_evaluate_one(detector, kept, source, name, sub, str(run), notes, overlays, batch_size, log))
+        parts.append(
+            _evaluate_one(
+                detector, kept, source, name, sub, str(run), notes, overlays, batch_size, pixel_resolution, log
+            )
+        )
     result = EvalResult(folder, parts)
     if len(parts) > 1:
         keys = sorted({k for p in parts for k in p.metrics})

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..data.sources import pick_labelled_defects, resolve_categories, training_samples
 from ..errors import DefectscopeError, OutputError
+from ..geometry import Geometry
 from ..methods import METHODS, Detector
 from ..methods.trained import TrainedDetector
 from ..outputs import prepare_output_dir
@@ -60,6 +61,7 @@ def fit_run(
     device: str = "cpu",
     resume: bool = False,
     overwrite: bool = False,
+    geometry: Geometry | None = None,
     log: Log = quiet,
 ) -> FitResult:
     """Fit ``method`` on the good images of ``data`` and save the model to the run folder ``out``.
@@ -70,7 +72,8 @@ def fit_run(
     methods that learn from them, and held out to measure the miss rate (and serve the recall
     threshold rule) by the others. ``out`` must be new, empty or an earlier run folder; one
     that already holds a fitted model is replaced only with ``overwrite``. Everything is checked
-    before the fitting starts; ``log`` receives progress sentences.
+    before the fitting starts; ``log`` receives progress sentences. ``geometry`` (default: the
+    square resize) says how images become the method's inputs and is saved with the model.
     """
     folders = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     detector = build_detector(method, params).to(device)
@@ -82,6 +85,8 @@ def fit_run(
         pick_labelled_defects(category_dirs, labelled_defects, detector.seed, defects_from) if labelled_defects else []
     )
     detector.check_threshold_rule(defects)
+    if geometry is not None:
+        detector.check_geometry(geometry, samples)
     detector.preflight()
     folder = Path(out)
     if _holds_model(folder) and not (overwrite or resume):
@@ -102,8 +107,9 @@ def fit_run(
             "`defectscope test` leaves them out of the evaluation"
         )
     where = ", ".join(str(d) for d in category_dirs)
-    log(f"fitting {detector!r}\n  on {len(samples)} good images from {where}")
-    detector.fit(samples, defects=defects, checkpoint_dir=folder / "checkpoint", resume=resume)
+    shape = (geometry or detector.geometry).describe(detector.image_size)
+    log(f"fitting {detector!r}\n  on {len(samples)} good images from {where}; input: {shape}")
+    detector.fit(samples, defects=defects, checkpoint_dir=folder / "checkpoint", resume=resume, geometry=geometry)
     if detector.calibration is not None:
         for note in detector.calibration.notes:
             log(f"note: {note}")

@@ -50,6 +50,7 @@ class RunInfo:
             fit_date=datetime.now(UTC).isoformat(timespec="seconds"),
             fit_seconds=float(info["fit_seconds"]),
             labelled_defects=list(info.get("labelled_defects", [])),
+            resize="tiles" if detector.geometry.tile is not None else detector.geometry.resize,
             versions={
                 "defectscope": __version__,
                 "torch": torch.__version__,
@@ -96,6 +97,21 @@ class RunInfo:
 
 def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def model_facts(detector: Detector) -> dict[str, Any]:
+    """What a test report's header says about the model: method, backbone, input geometry, fit."""
+    info = run_info(detector)
+    return {
+        "method": detector.name,
+        "backbone": getattr(detector, "backbone", None),
+        "image_size": detector.image_size,
+        "geometry": detector.geometry.describe(detector.image_size),
+        "n_fit_images": detector.fit_info.get("n_fit_images"),
+        "fitted_at": (info.fit_date or None) if info else None,
+        "defectscope_version": info.versions.get("defectscope") if info else None,
+        "categories": list(info.categories) if info else list(detector.fit_info.get("categories", [])),
+    }
 
 
 def run_info(detector: Detector) -> RunInfo | None:

@@ -7,14 +7,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import ImageDataset, Sample, iterate_batches
+from ..data import Sample
 from ..data.layouts import image_files, mvtec_samples
 from ..data.sources import resolve_categories
 from ..errors import DataError
 from ..methods import Detector, load
 from ..outputs import atomic_save_image, prepare_output_dir
 from ..records import Record
-from ..report.overlay import display_max, overlay, unique_names
+from ..report.images import heat_overlay
+from ..report.overlay import unique_names
 from .info import run_info
 
 
@@ -88,8 +89,9 @@ def predict_run(
 ) -> PredictResult:
     """Score every image ``paths`` stand for with the run folder ``run``.
 
-    With ``heatmaps``, an overlay per image is written there (distinct names also for images of
-    the same name from different folders); that folder is checked before any image is scored.
+    With ``heatmaps``, an overlay per image is written there at the image's own size (its region of
+    interest, for a model with one; distinct names also for images of the same name from different
+    folders); that folder is checked before any image is scored.
     """
     detector = detector or load(run).to(device)
     info = run_info(detector)
@@ -98,20 +100,14 @@ def predict_run(
     names = dict(zip((str(s.path) for s in samples), unique_names([str(s.path) for s in samples])))
     threshold = detector.calibration.threshold if detector.calibration else None
     rule = detector.calibration.rule if detector.calibration else None
-    by_path = {str(s.path): s for s in samples}
     records: list[Record] = []
-    for batch in iterate_batches(
-        ImageDataset(samples, detector.image_size), batch_size or detector.batch_size, desc="predicting"
-    ):
-        pred = detector.predict(batch["image"])
-        for i, path in enumerate(batch["path"]):
-            category = by_path[path].category or None
-            record = Record.of(path, category, float(pred.scores[i]), float(pred.maps[i].max()), threshold, rule=rule)
-            if folder is not None:
-                target = folder / f"{names[path]}_heatmap.png"
-                atomic_save_image(
-                    target, overlay(batch["image"][i], pred.maps[i], display_max(threshold, pred.maps[i]))
-                )
-                record.overlay = str(target)
-            records.append(record)
+    for item in detector.inspect(samples, batch_size=batch_size, native=folder is not None, desc="predicting"):
+        category = item.sample.category or None
+        record = Record.of(item.path, category, item.score, float(item.map.max()), threshold, rule=rule)
+        if folder is not None:
+            target = folder / f"{names[item.path]}_heatmap.png"
+            assert item.image is not None  # inspected with native pixels
+            atomic_save_image(target, heat_overlay(item.image, item.map, threshold))
+            record.overlay = str(target)
+        records.append(record)
     return PredictResult(records, folder)

@@ -1,8 +1,9 @@
 """Heat-map PNGs of logged inspections, from the stored input image and the stored anomaly map.
 
-The overlay is drawn exactly as ``defectscope predict --heatmaps`` draws it
-(:func:`defectscope.report.overlay.overlay` with :func:`display_max`): the input resized to the
-model's input size as the model saw it, the map coloured on a scale up to 1.5 x the threshold.
+The overlay is the one ``defectscope predict --heatmaps`` writes (:func:`heat_overlay`): the input
+(its region of interest, for a model with one) at its own size, the stored map (at the model's
+working resolution, see :mod:`defectscope.geometry`) upsampled over it and coloured on a scale up to
+1.5 x the threshold.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.image_io import image_to_tensor, read_image
+from ..data.image_io import read_image
 from ..errors import DataError
-from ..report.overlay import colorize, display_max, overlay
+from ..report.images import heat_overlay
+from ..report.overlay import colorize, display_max
 
 
 def png_bytes(img: Image.Image) -> bytes:
@@ -42,25 +44,29 @@ def load_map(path: Path) -> torch.Tensor:
     return torch.from_numpy(values)
 
 
-def model_input(image_path: Path, size: tuple[int, int]) -> torch.Tensor:
-    """The stored input as the model saw it: (3, H, W) in [0, 1], read and resized as the CLI reads files."""
-    img, _ = read_image(image_path, draft_to=max(size))
+def overlay_png(image: np.ndarray, amap: np.ndarray, threshold: float | None) -> bytes:
+    """The ``predict --heatmaps`` overlay of an (H, W, 3) image and its map (any resolution), as PNG bytes."""
+    return png_bytes(heat_overlay(image, amap, threshold))
+
+
+def stored_overlay_png(
+    image_path: Path, map_path: Path, threshold: float | None, roi: tuple[int, int, int, int] | None = None
+) -> bytes:
+    """The overlay of a logged inspection from its stored files, at the image's own size (its region
+    ``roi`` (x, y, w, h) only, for a model with one)."""
+    amap = load_map(map_path).numpy()
+    img, _ = read_image(image_path)
     try:
-        return image_to_tensor(img, size)
+        if roi is not None and roi[0] + roi[2] <= img.width and roi[1] + roi[3] <= img.height:
+            x, y, w, h = roi
+            region = img.crop((x, y, x + w, y + h))
+            pixels = np.array(region)
+            region.close()
+        else:
+            pixels = np.array(img)
     finally:
         img.close()
-
-
-def overlay_png(image: torch.Tensor, amap: torch.Tensor, threshold: float | None) -> bytes:
-    """The ``predict --heatmaps`` overlay of a (3, H, W) image and its (H, W) map, as PNG bytes."""
-    return png_bytes(overlay(image, amap, display_max(threshold, amap)))
-
-
-def stored_overlay_png(image_path: Path, map_path: Path, threshold: float | None) -> bytes:
-    """The overlay of a logged inspection, from its stored files."""
-    amap = load_map(map_path)
-    size = (int(amap.shape[0]), int(amap.shape[1]))
-    return overlay_png(model_input(image_path, size), amap, threshold)
+    return overlay_png(pixels, amap, threshold)
 
 
 def stored_heatmap_png(map_path: Path, threshold: float | None) -> bytes:

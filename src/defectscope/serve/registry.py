@@ -1,8 +1,9 @@
 """The served models: each fitted run loaded once, under a URL-safe name, with its decode-predict-log pipeline.
 
-One image goes ``bytes -> decoded RGB (the CLI's limits) -> tensor -> batched predict -> Record ->
-stored image + map -> logged inspection``. Decoding is the CLI's (:func:`read_image_bytes` and
-:func:`image_to_tensor`, as :class:`~defectscope.data.ImageDataset` reads a file) and the verdict
+One image goes ``bytes -> decoded RGB (the CLI's limits) -> views under the model's geometry ->
+batched predict -> Record -> stored image + map -> logged inspection``. Decoding is the CLI's
+(:func:`read_image_bytes` and :func:`~defectscope.geometry.sources.open_image`, as ``predict``
+reads a file) and the verdict
 is the run layer's (:meth:`Record.of`), so the service and ``defectscope predict`` agree on every image.
 """
 
@@ -21,9 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from PIL import Image
 
-from ..data.image_io import image_to_tensor, read_image_bytes
+from ..data.image_io import read_image_bytes
 from ..errors import DefectscopeError, ModelFileError
+from ..geometry.inspect import assemble
+from ..geometry.sources import open_image
+from ..geometry.views import Assembler, Views
 from ..methods import Detector, Prediction, load
 from ..methods.model_file import CONFIG_FILE, TENSORS_FILE
 from ..records import Record
@@ -79,13 +84,14 @@ def _sha256_run(folder: Path) -> tuple[str, str]:
 
 @dataclass
 class Decoded:
-    """An upload ready for the model: its tensor, and the bytes to store under ``suffix``."""
+    """An upload ready for the model: its views under the model's geometry, and the bytes to store under ``suffix``."""
 
-    tensor: torch.Tensor  # (3, H, W) float in [0, 1] at the model's input size
+    views: Views
     data: bytes
     suffix: str
     filename: str | None
     decode_ms: float
+    image: np.ndarray | None = None  # (H, W, 3) uint8 native pixels of the region, when asked for
 
 
 class ServedModel:
@@ -151,41 +157,63 @@ class ServedModel:
             "threshold": self.threshold,
             "rule": self.rule,
             "image_size": self.image_size,
+            "geometry": self.detector.geometry.to_json(),
             "categories": self.categories,
             "false_alarm_bound": calibration.false_alarm_bound if calibration else None,
         }
 
     # -- the pipeline, one step at a time (the service runs each where it belongs) ------------------
-    def decode(self, data: bytes, filename: str | None) -> Decoded:
-        """Bytes -> the model's input tensor, with the CLI's limits; a one-line DataError names ``filename``."""
+    def decode(self, data: bytes, filename: str | None, native: bool = False) -> Decoded:
+        """Bytes -> the model's views, with the CLI's limits; a one-line DataError names ``filename``.
+
+        With ``native`` the region's native pixels come too (for an overlay)."""
         started = time.perf_counter()
         filename = clean_filename(filename)
-        img, _ = read_image_bytes(data, filename or "upload", draft_to=self.image_size)
-        try:
-            tensor = image_to_tensor(img, self.image_size)
-            suffix = _stored_suffix(data)
-            if suffix is None:  # a format we keep as the pixels that were scored
+        name = filename or "upload"
+        suffix = _stored_suffix(data)
+        png: list[bytes] = []
+
+        def read(draft: int | None) -> tuple[Image.Image, tuple[int, int]]:
+            img, full = read_image_bytes(data, name, draft_to=draft)
+            if suffix is None and not png:  # a format we keep as the pixels that were scored
                 buffer = io.BytesIO()
                 img.save(buffer, format="PNG")
-                data, suffix = buffer.getvalue(), ".png"
-        finally:
-            img.close()
-        return Decoded(tensor, data, suffix, filename, (time.perf_counter() - started) * 1000.0)
+                png.append(buffer.getvalue())
+            return img, full
+
+        views, pixels, _ = open_image(read, name, self.detector.geometry, self.image_size, native)
+        stored, stored_suffix = (png[0], ".png") if suffix is None else (data, suffix)
+        return Decoded(views, stored, stored_suffix, filename, (time.perf_counter() - started) * 1000.0, pixels)
 
     def predict(self, images: torch.Tensor) -> Prediction:
-        """Score a (B, 3, H, W) batch; one call into the detector at a time."""
+        """Score a (B, 3, H, W) batch of views; one call into the detector at a time."""
         with self.lock:
             return self.detector.predict(images)
+
+    def score(self, items: Sequence[Decoded]) -> list[tuple[float, np.ndarray]]:
+        """Score and map (at the working resolution) of each decoded image, their views batched together."""
+        done = assemble(self.predict, self.detector.batch_size, [(i, d.views) for i, d in enumerate(items)])
+        return [(result.score, result.map) for result in done]
+
+    @staticmethod
+    def finish(views: Views, score: float, amap: torch.Tensor) -> np.ndarray:
+        """The map of a one-view image scored elsewhere (the micro-batcher), cut back as the geometry says."""
+        assembler = Assembler(views)
+        assembler.add(torch.tensor([score]), amap[None], None)
+        return assembler.result()[1]
 
     def warm_up(self) -> None:
         """One prediction on a blank image, so the first request does not pay for lazy set-up (about 2x)."""
         self.predict(torch.zeros(1, 3, self.image_size, self.image_size))
 
+    def describe_geometry(self) -> str:
+        return self.detector.geometry.describe(self.image_size)
+
     def record(
         self,
         decoded: Decoded,
         score: float,
-        amap: torch.Tensor,
+        amap: np.ndarray,
         log: InspectionLog,
         timings: dict[str, float],
         started: float,
@@ -208,7 +236,7 @@ class ServedModel:
         begin = time.perf_counter()
         image_name = log.store_file(decoded.data, decoded.suffix)
         buffer = io.BytesIO()
-        np.save(buffer, amap.numpy().astype(np.float16), allow_pickle=False)
+        np.save(buffer, amap.astype(np.float16), allow_pickle=False)
         map_name = log.store_file(buffer.getvalue(), ".npy")
         now = time.perf_counter()
         row = InspectionIn(
@@ -233,10 +261,10 @@ class ServedModel:
         started = time.perf_counter()
         decoded = self.decode(data, filename)
         begin = time.perf_counter()
-        pred = self.predict(decoded.tensor[None])
+        [(score, amap)] = self.score([decoded])
         model_ms = (time.perf_counter() - begin) * 1000.0
         timings = {"decode_ms": decoded.decode_ms, "queue_ms": 0.0, "model_ms": model_ms}
-        return self.record(decoded, float(pred.scores[0]), pred.maps[0], log, timings, started)
+        return self.record(decoded, score, amap, log, timings, started)
 
 
 def parse_spec(spec: str) -> tuple[Path, str | None]:

@@ -173,19 +173,28 @@ def api_router(
         data, sent_name = await read_upload(request)
         loop = asyncio.get_running_loop()
         try:
-            decoded = await loop.run_in_executor(decoders.get(), model.decode, data, filename or sent_name)
+            decoded = await loop.run_in_executor(decoders.get(), model.decode, data, filename or sent_name, heatmap)
         except DataError as exc:
             raise HTTPException(422, one_line(str(exc))) from None
-        try:
-            result = await batchers[name].submit(decoded.tensor)
-        except ServiceBusy as exc:
-            raise HTTPException(503, str(exc), {"Retry-After": "1"}) from None
-        timings = {"decode_ms": decoded.decode_ms, "queue_ms": result.queue_ms, "model_ms": result.model_ms}
-        inspection = await run_in_threadpool(model.record, decoded, result.score, result.amap, log, timings, started)
+        views = decoded.views
+        if len(views) == 1:  # one view: micro-batched with other requests
+            try:
+                result = await batchers[name].submit(views.get(0, 1)[0])
+            except ServiceBusy as exc:
+                raise HTTPException(503, str(exc), {"Retry-After": "1"}) from None
+            score, amap = result.score, model.finish(views, result.score, result.amap)
+            queue_ms, model_ms = result.queue_ms, result.model_ms
+        else:  # tiles: batched among themselves
+            begin = time.perf_counter()
+            [(score, amap)] = await run_in_threadpool(model.score, [decoded])
+            queue_ms, model_ms = 0.0, (time.perf_counter() - begin) * 1000.0
+        timings = {"decode_ms": decoded.decode_ms, "queue_ms": queue_ms, "model_ms": model_ms}
+        inspection = await run_in_threadpool(model.record, decoded, score, amap, log, timings, started)
         metrics.verdicts.labels(name, inspection.verdict or "none").inc()
         body = inspection_json(inspection)
         if heatmap:
-            png = await run_in_threadpool(overlay_png, decoded.tensor, result.amap, inspection.threshold)
+            assert decoded.image is not None  # decoded with its native pixels
+            png = await run_in_threadpool(overlay_png, decoded.image, amap, inspection.threshold)
             body["heatmap_png_base64"] = base64.b64encode(png).decode("ascii")
         return JSONResponse(body)
 
@@ -215,7 +224,9 @@ def api_router(
     @v1.get("/inspections/{inspection_id}/overlay.png", summary="heat map over the input", response_class=Response)
     def overlay(inspection_id: str) -> Response:
         row = found(inspection_id)
-        png = stored_overlay_png(stored(row.image, "image"), stored(row.map, "anomaly map"), row.threshold)
+        served_model = registry.get(row.model)
+        roi = served_model.detector.geometry.roi if served_model is not None else None
+        png = stored_overlay_png(stored(row.image, "image"), stored(row.map, "anomaly map"), row.threshold, roi)
         return Response(png, media_type="image/png")
 
     @v1.get("/inspections/{inspection_id}/heatmap.png", summary="the anomaly map in colour", response_class=Response)

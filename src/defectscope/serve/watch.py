@@ -47,8 +47,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from ..data import is_ignored_name
 from ..data.layouts import image_files
 from ..errors import DataError, DefectscopeError, OutputError
@@ -391,14 +389,12 @@ class FolderWatcher:
         inspections: dict[Path, Inspection] = {}
         if decoded:
             begin = time.perf_counter()
-            pred = self.model.predict(torch.stack([item.tensor for _, _, item in decoded]))
+            results = self.model.score([item for _, _, item in decoded])
             model_ms = (time.perf_counter() - begin) * 1000.0
-            for i, (path, _, item) in enumerate(decoded):
+            for (path, _, item), (score, amap) in zip(decoded, results):
                 queue_ms = max(0.0, (begin - started[path]) * 1000.0 - item.decode_ms)
                 timings = {"decode_ms": item.decode_ms, "queue_ms": queue_ms, "model_ms": model_ms}
-                inspections[path] = self.model.record(
-                    item, float(pred.scores[i]), pred.maps[i], self.log, timings, started[path]
-                )
+                inspections[path] = self.model.record(item, score, amap, self.log, timings, started[path])
         events: list[WatchEvent] = []
         states = dict(files)
         for path, _ in files:

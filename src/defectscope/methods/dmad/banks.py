@@ -182,7 +182,7 @@ class BankBuilder:
             members = [i for i, s in enumerate(samples) if s.category == category]
             chosen += sorted(rng.permutation(members)[: det.synthetic_images].tolist())
         synth = SynthDataset(
-            ImageDataset([samples[i] for i in chosen], det.image_size),
+            det.fit_dataset([samples[i] for i in chosen]),
             GreyKeepingMixture(PerlinTexture(), CutPaste("patch"), CutPaste("scar")),
             seed=det.seed,
         )
@@ -308,7 +308,7 @@ class BankBuilder:
         if not det.labelled_defects:
             return []
         unused = []
-        defects = ImageDataset(det.labelled_defects, det.image_size)
+        defects = det.fit_dataset(det.labelled_defects)
         for j in range(len(defects)):
             item = defects[j]
             image, mask = item["image"], item["mask"]
@@ -340,7 +340,7 @@ class BankBuilder:
                 same = [i for i, s in enumerate(samples) if s.category == category] or list(range(len(samples)))
                 hosts = [same[int(i)] for i in rng.integers(len(same), size=det.croppaste_images)]
                 paste = CropPaste([(image, mask.float())])
-                good = ImageDataset([samples[i] for i in hosts], det.image_size)
+                good = det.fit_dataset([samples[i] for i in hosts])
                 pasted = [
                     paste(good[n]["image"], np.random.default_rng([det.seed, group, n])) for n in range(len(hosts))
                 ]

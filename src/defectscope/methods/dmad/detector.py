@@ -47,6 +47,7 @@ class DMAD(TrainedDetector, BackboneDetector):
 
     name = "dmad"
     uses_labelled_defects = True
+    fits_on_tiles = False  # its banks keep one group of patches per training image
 
     def __init__(
         self,
