@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from defectscope.errors import DataError
+from defectscope.records import Record
 
 #: A small, fast DMAD (a few seconds on 2 cores): test_dmad.py, and the fit on exported feedback.
 DMAD_SMALL = {
@@ -32,3 +33,16 @@ def raises_naming(path: Path, *fragments: str) -> Iterator[None]:
     assert str(path) in message and "\n" not in message, message
     for fragment in fragments:
         assert fragment in message, message
+
+
+def labelled_records(good: list[float], defects: dict[str, list[float]], threshold: float | None) -> list[Record]:
+    """Test records of good images with scores ``good`` and of each defect type with its scores."""
+    records = [
+        Record.of(f"good/{i:03d}.png", "c", s, s, threshold, label=0, defect_type="good") for i, s in enumerate(good)
+    ]
+    records += [
+        Record.of(f"{kind}/{i:03d}.png", "c", s, s, threshold, label=1, defect_type=kind)
+        for kind, scores in defects.items()
+        for i, s in enumerate(scores)
+    ]
+    return records

@@ -243,3 +243,30 @@ def test_the_service_sees_images_as_predict_does(tmp_path: Path, geometry: Geome
             assert models[0]["geometry"] == geometry.to_json()
     finally:
         served.log.close()
+
+
+@pytest.mark.parametrize("geometry", [Geometry(), Geometry(resize="keep-aspect"), Geometry(tile=64, tile_overlap=16)])
+def test_keep_aspect_and_tiles_score_by_the_assembled_map(tmp_path: Path, geometry: Geometry) -> None:
+    """The padding and the tile edges never decide an image score; the square resize keeps the method's."""
+    path = _image(tmp_path, 60, 150)
+
+    def edge_predict(views: torch.Tensor) -> _Pred:
+        maps = views.mean(dim=1)
+        maps[:, :2, :] = 5.0  # a hot top edge of every view: in the padding or weighted down in overlaps
+        return _Pred(maps.flatten(1).max(dim=1).values, maps)
+
+    [done] = assemble(edge_predict, 8, [(0, open_sample(_sample(path), geometry, 64).views)])
+    if geometry == Geometry():
+        assert done.score == 5.0
+    else:
+        assert done.score == float(done.map.max())
+        if geometry.resize == "keep-aspect":
+            assert done.score < 1.0  # the hot rows were padding, cut off with it
+
+    def nan_predict(views: torch.Tensor) -> _Pred:
+        pred = grey_predict(views)
+        pred.scores[0] = float("nan")
+        return pred
+
+    [broken] = assemble(nan_predict, 8, [(0, open_sample(_sample(path), geometry, 64).views)])
+    assert np.isnan(broken.score)  # an untrusted view score is never hidden by the map

@@ -15,6 +15,7 @@ from sklearn.metrics import roc_auc_score
 from defectscope.metrics.verdicts import verdict_summary
 from defectscope.records import Record
 from defectscope.report.html import write_report
+from helpers import labelled_records
 
 THRESHOLD = 2.0
 MODEL = {
@@ -33,14 +34,7 @@ def _records(threshold: float | None) -> list[Record]:
     """10 good images (2 above the threshold, one NaN score) and two defect types."""
     good = [0.5, 0.8, 1.0, 1.2, 1.4, 1.5, 1.7, 2.4, 3.0, float("nan")]
     defects = {"crack": [1.1, 2.5, 3.5, 6.0], "scratch": [1.6, 1.9, 2.2]}
-    records = [
-        Record.of(f"good/{i:03d}.png", "c", s, s, threshold, label=0, defect_type="good") for i, s in enumerate(good)
-    ]
-    records += [
-        Record.of(f"{kind}/{i:03d}.png", "c", s, s, threshold, label=1, defect_type=kind)
-        for kind, scores in defects.items()
-        for i, s in enumerate(scores)
-    ]
+    records = labelled_records(good, defects, threshold)
     for record in records:
         record.overlay = f"overlays/{record.defect_type}_{Path(record.path).stem}.jpg"
     return records

@@ -19,6 +19,7 @@ from defectscope.records import Record
 from defectscope.report import plots as report
 from defectscope.report.html import write_report
 from defectscope.thresholds import Calibration, calibrate, rate_interval
+from helpers import labelled_records
 
 HELD_OUT = np.linspace(1.0, 2.0, 21)  # 21 held-out good scores: conformal 5 % takes the 20th (1.95)
 
@@ -91,14 +92,7 @@ def _records(threshold: float | None) -> list[Record]:
     below 1.95 (missed)."""
     good = [1.2, 1.5, 1.6, 1.7, 1.8, 1.9] * 3 + [2.5, float("nan")]
     defects = {"crack": [1.3, 3.0, 4.0, 5.0], "scratch": [1.4, 1.9, 2.6, 2.7, 2.8, 3.5], "hole": [6.0, 7.0]}
-    records = [
-        Record.of(f"good/{i:03d}.png", "c", s, s, threshold, label=0, defect_type="good") for i, s in enumerate(good)
-    ]
-    records += [
-        Record.of(f"{kind}/{i:03d}.png", "c", s, s, threshold, label=1, defect_type=kind)
-        for kind, scores in defects.items()
-        for i, s in enumerate(scores)
-    ]
+    records = labelled_records(good, defects, threshold)
     return records
 
 

@@ -41,7 +41,7 @@ def add_geometry_args(parser: argparse.ArgumentParser) -> None:
         metavar="SIZE",
         help="cut every image into overlapping SIZE x SIZE tiles at its own resolution (after --scale); the "
         "input size defaults to SIZE so tiles go in pixel for pixel; maps are stitched and the image score is "
-        "the highest tile score",
+        "the stitched map's maximum",
     )
     group.add_argument(
         "--tile-overlap",

@@ -76,15 +76,23 @@ class ImageDataset(Dataset):
             mask = torch.zeros(self.image_size, dtype=torch.bool)
         else:
             mask = mask_to_tensor(load_mask(sample.mask_path, full_size, image_path=sample.path), self.image_size)
-        return {
-            "image": image,
-            "mask": mask,
-            "has_mask": sample.label == 0 or sample.mask_path is not None,
-            "label": sample.label,
-            "path": str(sample.path),
-            "defect_type": sample.defect_type,
-            "category": sample.category,
-        }
+        return sample_item(sample, image, mask)
+
+
+def sample_item(sample: Sample, image: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
+    """The item dict of one image (or one view of it): its tensors and what the sample says about it.
+
+    ``has_mask`` is False only for a defect without a mask, whose pixels must not be scored.
+    """
+    return {
+        "image": image,
+        "mask": mask,
+        "has_mask": sample.label == 0 or sample.mask_path is not None,
+        "label": sample.label,
+        "path": str(sample.path),
+        "defect_type": sample.defect_type,
+        "category": sample.category,
+    }
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:

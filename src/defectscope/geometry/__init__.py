@@ -5,12 +5,14 @@ One layer around the method contract, the same for every method: a method fits a
 
 - ``square`` (default): the whole image squeezed to a square, as papers do on MVTec AD;
 - ``keep-aspect``: the long side scaled to ``image_size``, the short side padded by reflection (the
-  edge repeated where the image is too thin to reflect); the padding's map is cut off again;
+  reflection repeated where the image is too thin); the padding's map is cut off again;
 - tiles: the image (scaled by ``scale`` first) cut into ``tile`` x ``tile`` tiles at its own
   resolution, evenly spaced so that neighbours overlap by at least ``tile_overlap`` pixels and the
   last tile ends at the image's edge (an image smaller than a tile is padded by reflection); each
   tile is resized to ``image_size`` for the network, maps are stitched with weights that fall off
-  linearly across the overlaps, and the image score is the highest tile score;
+  linearly across the overlaps;
+- with keep-aspect and tiles the image score is the maximum of the assembled map over the image
+  (the square resize keeps the method's own score);
 - ``roi`` (with any of them): only the region ``x, y, w, h`` of every image is inspected; maps,
   masks, overlays and pixel metrics cover that region only.
 

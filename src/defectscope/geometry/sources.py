@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from ..data import ImageDataset, Sample
+from ..data.dataset import sample_item
 from ..data.image_io import image_header_size, load_mask, read_image
 from ..errors import DataError
 from . import Geometry
@@ -107,15 +108,7 @@ def _item(sample: Sample, views: Views, index: int, geometry: Geometry) -> dict[
         native = region_mask(sample, views.full, geometry)
         assert native is not None
         mask = views.mask_view(native, index)
-    return {
-        "image": views.get(index, index + 1)[0],
-        "mask": mask,
-        "has_mask": sample.label == 0 or sample.mask_path is not None,
-        "label": sample.label,
-        "path": str(sample.path),
-        "defect_type": sample.defect_type,
-        "category": sample.category,
-    }
+    return sample_item(sample, views.get(index, index + 1)[0], mask)
 
 
 class ViewDataset(ImageDataset):

@@ -87,7 +87,8 @@ class Views:
     def __init__(self, region: Image.Image, geometry: Geometry, image_size: int) -> None:
         self.geometry, self.image_size = geometry, image_size
         self.native = (region.height, region.width)
-        #: The (W, H) of the whole image the region was cut from (its mask has this size).
+        #: The (W, H) of the whole image the region was cut from (its mask has this size); set by
+        #: :func:`~defectscope.geometry.sources.open_image`, the region's own size until then.
         self.full = (region.width, region.height)
         s = image_size
         if geometry.tile is not None:
@@ -181,8 +182,14 @@ class Assembler:
         self.received += len(scores)
 
     def result(self) -> tuple[float, np.ndarray, np.ndarray | None]:
-        """The image score (the highest view score; NaN if any is), map (h, w) and reconstruction (h, w, 3) uint8."""
-        score = float(torch.cat(self.scores).max())  # torch's max propagates NaN: never a trusted score
+        """The image score, map (h, w) and reconstruction (h, w, 3) uint8.
+
+        The square resize keeps the method's own score. Keep-aspect and tiles score the image by the
+        maximum of its assembled map, so the padding (cut off) and the tile edges (weighted down
+        where tiles overlap) do not decide it. A non-finite view score makes the image's NaN: never
+        a trusted score.
+        """
+        scores = torch.cat(self.scores)
         top, left, h, w = self.views.box
         if self.single is not None:
             amap, recon = self.single
@@ -191,6 +198,10 @@ class Assembler:
             amap = self.total / self.norm
             recon = None if self.recon_total is None else self.recon_total / self.norm
         amap = amap[top : top + h, left : left + w]
+        if self.views.geometry.tile is None and self.views.geometry.resize == "square":
+            score = float(scores.max())  # torch's max propagates NaN
+        else:
+            score = float(amap.max()) if bool(torch.isfinite(scores).all()) else math.nan
         rgb = None
         if recon is not None:
             rgb = (recon[:, top : top + h, left : left + w].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()

@@ -196,11 +196,12 @@ class ServedModel:
         return [(result.score, result.map) for result in done]
 
     @staticmethod
-    def finish(views: Views, score: float, amap: torch.Tensor) -> np.ndarray:
-        """The map of a one-view image scored elsewhere (the micro-batcher), cut back as the geometry says."""
+    def finish(views: Views, score: float, amap: torch.Tensor) -> tuple[float, np.ndarray]:
+        """Score and map of a one-view image scored elsewhere (the micro-batcher), as the geometry puts them back."""
         assembler = Assembler(views)
         assembler.add(torch.tensor([score]), amap[None], None)
-        return assembler.result()[1]
+        image_score, image_map, _ = assembler.result()
+        return image_score, image_map
 
     def warm_up(self) -> None:
         """One prediction on a blank image, so the first request does not pay for lazy set-up (about 2x)."""

@@ -182,7 +182,7 @@ def api_router(
                 result = await batchers[name].submit(views.get(0, 1)[0])
             except ServiceBusy as exc:
                 raise HTTPException(503, str(exc), {"Retry-After": "1"}) from None
-            score, amap = result.score, model.finish(views, result.score, result.amap)
+            score, amap = model.finish(views, result.score, result.amap)
             queue_ms, model_ms = result.queue_ms, result.model_ms
         else:  # tiles: batched among themselves
             begin = time.perf_counter()
