@@ -11,12 +11,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from defectscope import load
 from defectscope.data import ImageDataset, iterate_batches, mvtec_samples
 from defectscope.errors import DefectscopeError
+from defectscope.geometry import Geometry
 from defectscope.methods import METHODS, Detector
 from defectscope.methods.params import ParamSpec
 from defectscope.methods.trained import TrainedDetector
@@ -204,3 +206,39 @@ def test_param_spec_parsing() -> None:
         with pytest.raises(DefectscopeError, match=expected) as info:
             specs[spec].parse(raw)
         assert str(info.value).startswith(f"{spec}={raw}: expected") and "\n" not in str(info.value)
+
+
+def _other_geometry(name: str) -> Geometry:
+    """Tiles for every method that fits on them (a 256 px image at half scale: 3 x 3 tiles of 64 px),
+    keep-aspect on a region of interest for the others."""
+    if METHODS[name].fits_on_tiles:
+        return Geometry(tile=64, tile_overlap=8, scale=0.5)
+    return Geometry(resize="keep-aspect", roi=(0, 16, 256, 224))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_method_fits_and_scores_under_another_geometry(
+    name: str, train: list, test_samples: list, tmp_path: Path
+) -> None:
+    """The geometry is one layer around the contract: no method knows of it, every method works in it."""
+    geometry = _other_geometry(name)
+    # dmad's tiny anomaly bank needs all a dozen images and a synthetic anomaly on each of them
+    images, extra = (train, {"synthetic_images": 12}) if name == "dmad" else (train[:8], {})
+
+    def make() -> Detector:
+        return METHODS[name](**(TINY[name] | extra)) if extra else _make(name)
+
+    det = make().fit(images, checkpoint_dir=tmp_path / "checkpoint", geometry=geometry)
+    if geometry.tile is not None:
+        assert det.fit_info["n_fit_views"] == 9 * det.fit_info["n_fit_images"]
+    items = list(det.inspect(test_samples[:2], native=True, masks=True))
+    expected = (128, 128) if geometry.tile is not None else (det.image_size * 224 // 256, det.image_size)
+    for item in items:
+        assert item.map.shape == expected and np.isfinite(item.map).all() and np.isfinite(item.score)
+        assert item.image is not None and item.image.shape[:2] == item.size == (256 if geometry.tile else 224, 256)
+    again = load(det.save(tmp_path / "run"))
+    assert again.geometry == geometry
+    assert [i.score for i in again.inspect(test_samples[:2])] == pytest.approx([i.score for i in items], rel=1e-5)
+    if isinstance(det, TrainedDetector):  # its checkpoint was trained on these views: not on others
+        with pytest.raises(DefectscopeError, match="other settings"):
+            make().fit(images, checkpoint_dir=tmp_path / "checkpoint", resume=True)

@@ -148,10 +148,13 @@ def inspect_samples(
     ``desc``, a progress bar counts images (unless DEFECTSCOPE_NO_PROGRESS is set).
     """
     files = _Files(samples, geometry, image_size, native, masks)
+    # whole images: enough decoded ahead to fill two batches; tiles: a large image fills batches on its
+    # own, so only a few are held (a camera image and its pixels are tens of megabytes each)
+    window = 2 * max(batch_size, threads) if geometry.tile is None else 2 * threads
     opened: dict[int, Opened] = {}
 
     def items() -> Iterator[tuple[int, Views]]:
-        for index, item in ordered_items(files, threads, window=2 * max(batch_size, threads)):
+        for index, item in ordered_items(files, threads, window=window):
             opened[index] = item
             yield index, item.views
 

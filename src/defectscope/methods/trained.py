@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import DefectscopeError
+from ..geometry import Geometry
 from ..training import StepResult, Trainer, TrainingLog, check_schedule
 from .base import Detector
 
@@ -61,6 +62,8 @@ class TrainedDetector(Detector):
         """
         params = {k: v for k, v in self.get_params().items() if k not in RESUMABLE_CHANGES}
         identity: dict[str, Any] = {"method": self.name, "params": params}
+        if self.geometry != Geometry():  # a checkpoint trained on other views cannot be continued
+            identity["geometry"] = self.geometry.to_json()
         checkpoint_dir = self.checkpoint_dir
         if stage is None:
             epochs, time_budget = self.epochs, self.time_budget

@@ -187,7 +187,14 @@ class DMAD(TrainedDetector, BackboneDetector):
         features, groups, labels, labelled = features[use], groups[use], labels[use], labelled[use]
         normal = Neighbours(normal.distances[use], normal.indices[use])
         n_fused = int(use[len(use) - n_fused_drawn :].sum())
-        anomaly = nearest_excluding_groups(features, banks.anomaly, k, groups, banks.anomaly_groups)
+        try:
+            anomaly = nearest_excluding_groups(features, banks.anomaly, k, groups, banks.anomaly_groups)
+        except ValueError:
+            raise DefectscopeError(
+                f"dmad: its anomaly bank holds {len(banks.anomaly)} patches from too few images to give every "
+                f"training patch {k} neighbours from other images; fit on more good images or raise "
+                "synthetic_images or anomaly_bank_size"
+            ) from None
         x = knowledge(features, banks.normal, normal, banks.anomaly, anomaly, self._scale)
         self._input_mean = x.mean(0)
         self._input_std = x.std(0).clamp_min(1e-6)
