@@ -40,7 +40,28 @@ from scipy import ndimage
 from common import environment
 from defectscope.outputs import atomic_save_image, make_folder
 from defectscope.report.images import ReportImages
-from defectscope.report.overlay import display_max, overlay, to_rgb, unique_names
+from defectscope.report.overlay import colorize, display_max, unique_names
+
+
+# The earlier writer's drawing (float blend at the 256 px working size), kept here to measure against.
+def to_rgb(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) image in [0, 1] -> (H, W, 3) uint8."""
+    return (image.permute(1, 2, 0).clamp(0, 1).numpy() * 255.0).astype(np.uint8)
+
+
+def overlay(
+    image: torch.Tensor, amap: torch.Tensor, vmax: float, mask: torch.Tensor | None = None, alpha: float = 0.45
+) -> Image.Image:
+    """Blend the colourised map (scaled to [0, vmax]) over the image; outline the mask in green."""
+    rgb = to_rgb(image).astype(np.float32)
+    heat = colorize(amap.numpy() / max(vmax, 1e-12)).astype(np.float32)
+    out = (rgb * (1 - alpha) + heat * alpha).astype(np.uint8)
+    if mask is not None and bool(mask.any()):
+        m = mask.numpy().astype(bool)
+        edge = m & ~ndimage.binary_erosion(m, iterations=2)
+        out[edge] = (0, 255, 0)
+    return Image.fromarray(out)
+
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "datasets" / "mvtec_bottle" / "bottle"

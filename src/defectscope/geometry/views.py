@@ -94,21 +94,18 @@ class Views:
         if geometry.tile is not None:
             tile = geometry.tile
             scaled, self.starts = tile_layout(region.height, region.width, geometry)
-            self.work = scaled
             pixels = resize_uint8(region, scaled).numpy()
             self.pixels = _reflect_pad(pixels, 0, max(0, tile - scaled[0]), 0, max(0, tile - scaled[1]))
             self.box = (0, 0, *scaled)  # the work map inside the padded canvas
         elif geometry.resize == "keep-aspect":
             ratio = s / max(region.height, region.width)
             content = (max(1, round(region.height * ratio)), max(1, round(region.width * ratio)))
-            self.work = content
             top, left = (s - content[0]) // 2, (s - content[1]) // 2
             pixels = resize_uint8(region, content).numpy()
             self.pixels = _reflect_pad(pixels, top, s - content[0] - top, left, s - content[1] - left)
             self.box = (top, left, *content)
             self.starts = [(0, 0)]
         else:
-            self.work = (s, s)
             self.pixels = resize_uint8(region, s).numpy()
             self.box = (0, 0, s, s)
             self.starts = [(0, 0)]

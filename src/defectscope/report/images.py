@@ -24,13 +24,13 @@ import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
-from typing import Protocol
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
 from ..errors import OutputError
+from ..geometry.inspect import Inspected
 from ..outputs import atomic_write, make_folder
 from .overlay import colorize, display_max, unique_names
 
@@ -41,25 +41,6 @@ ALPHA = 0.45
 _GREEN = (0, 255, 0)
 #: The colour ramp as a 256-entry palette: map levels 0..255 -> RGB.
 _PALETTE = colorize(np.linspace(0.0, 1.0, 256)).reshape(-1).tolist()
-
-
-class InspectedImage(Protocol):
-    """What the writer needs of one scored image (native arrays as the geometry gives them)."""
-
-    @property
-    def path(self) -> str: ...
-    @property
-    def score(self) -> float: ...
-    @property
-    def map(self) -> np.ndarray: ...  # (h, w) float at the working resolution
-    @property
-    def size(self) -> tuple[int, int]: ...  # (H, W) native
-    @property
-    def image(self) -> np.ndarray | None: ...  # (H, W, 3) uint8 native
-    @property
-    def mask(self) -> np.ndarray | None: ...  # (H, W) bool native ground truth
-    @property
-    def reconstruction(self) -> np.ndarray | None: ...  # (h, w, 3) uint8 at the working resolution
 
 
 def viewer_files(overlay: str) -> dict[str, str]:
@@ -162,7 +143,7 @@ class ReportImages:
         """Whether any image came with a reconstruction (a reconstruction method)."""
         return self._with_reconstructions
 
-    def add(self, item: InspectedImage) -> str:
+    def add(self, item: Inspected) -> str:
         """Queue the images of ``item``; returns its card's overlay path, relative to the folder."""
         if not self._open:
             raise RuntimeError("ReportImages: add() after commit() or discard()")

@@ -1,13 +1,10 @@
-"""Heat-map overlays: the input image with its anomaly map in colour and the ground truth outlined."""
+"""The heat map's colours and scale, and distinct file names for the images of a run."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
-from scipy import ndimage
 
 #: Colour ramp from dark blue through cyan, yellow to red (a perceptually ordered "jet"-like ramp).
 RAMP = np.array(
@@ -24,26 +21,7 @@ def colorize(values: np.ndarray) -> np.ndarray:
     return (RAMP[low] * (1 - frac) + RAMP[low + 1] * frac).astype(np.uint8)
 
 
-def to_rgb(image: torch.Tensor) -> np.ndarray:
-    """(3, H, W) image in [0, 1] -> (H, W, 3) uint8."""
-    return (image.permute(1, 2, 0).clamp(0, 1).numpy() * 255.0).astype(np.uint8)
-
-
-def overlay(
-    image: torch.Tensor, amap: torch.Tensor, vmax: float, mask: torch.Tensor | None = None, alpha: float = 0.45
-) -> Image.Image:
-    """Blend the colourised map (scaled to [0, vmax]) over the image; outline the mask in green."""
-    rgb = to_rgb(image).astype(np.float32)
-    heat = colorize(amap.numpy() / max(vmax, 1e-12)).astype(np.float32)
-    out = (rgb * (1 - alpha) + heat * alpha).astype(np.uint8)
-    if mask is not None and bool(mask.any()):
-        m = mask.numpy().astype(bool)
-        edge = m & ~ndimage.binary_erosion(m, iterations=2)
-        out[edge] = (0, 255, 0)
-    return Image.fromarray(out)
-
-
-def display_max(threshold: float | None, amap: torch.Tensor | np.ndarray) -> float:
+def display_max(threshold: float | None, amap: np.ndarray) -> float:
     """Top of the colour scale: 1.5 x the decision threshold (so red means anomalous), else the map's maximum."""
     return 1.5 * threshold if threshold else float(amap.max())
 

@@ -12,11 +12,12 @@ import io
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from ..data.image_io import read_image
 from ..errors import DataError
+from ..geometry import Geometry
+from ..geometry.views import crop_region
 from ..report.images import heat_overlay
 from ..report.overlay import colorize, display_max
 
@@ -28,7 +29,7 @@ def png_bytes(img: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def load_map(path: Path) -> torch.Tensor:
+def load_map(path: Path) -> np.ndarray:
     """A stored anomaly map (``.npy``, float16 (H, W)) as float32; non-finite values read as the map's top."""
     try:
         values = np.load(path, allow_pickle=False)
@@ -41,7 +42,7 @@ def load_map(path: Path) -> torch.Tensor:
     if not finite.all():  # an image judged "error": show the unusable pixels as hot, never as cold
         top = float(values[finite].max()) if finite.any() else 1.0
         values = np.where(finite, values, top)
-    return torch.from_numpy(values)
+    return values
 
 
 def overlay_png(image: np.ndarray, amap: np.ndarray, threshold: float | None) -> bytes:
@@ -49,21 +50,14 @@ def overlay_png(image: np.ndarray, amap: np.ndarray, threshold: float | None) ->
     return png_bytes(heat_overlay(image, amap, threshold))
 
 
-def stored_overlay_png(
-    image_path: Path, map_path: Path, threshold: float | None, roi: tuple[int, int, int, int] | None = None
-) -> bytes:
+def stored_overlay_png(image_path: Path, map_path: Path, threshold: float | None, geometry: Geometry) -> bytes:
     """The overlay of a logged inspection from its stored files, at the image's own size (its region
-    ``roi`` (x, y, w, h) only, for a model with one)."""
-    amap = load_map(map_path).numpy()
+    of interest only, for a model ``geometry`` with one)."""
+    amap = load_map(map_path)
     img, _ = read_image(image_path)
     try:
-        if roi is not None and roi[0] + roi[2] <= img.width and roi[1] + roi[3] <= img.height:
-            x, y, w, h = roi
-            region = img.crop((x, y, x + w, y + h))
-            pixels = np.array(region)
-            region.close()
-        else:
-            pixels = np.array(img)
+        region = crop_region(img, geometry, image_path.name)
+        pixels = np.array(region)
     finally:
         img.close()
     return overlay_png(pixels, amap, threshold)
@@ -73,4 +67,4 @@ def stored_heatmap_png(map_path: Path, threshold: float | None) -> bytes:
     """The anomaly map alone in the overlay's colours and scale, as PNG bytes."""
     amap = load_map(map_path)
     vmax = display_max(threshold, amap)
-    return png_bytes(Image.fromarray(colorize(amap.numpy() / max(vmax, 1e-12))))
+    return png_bytes(Image.fromarray(colorize(amap / max(vmax, 1e-12))))

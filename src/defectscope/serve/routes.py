@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import DataError, DefectscopeError
+from ..geometry import Geometry
 from .batching import MicroBatcher, ServiceBusy
 from .error_handlers import one_line
 from .images import overlay_png, stored_heatmap_png, stored_overlay_png
@@ -225,8 +226,10 @@ def api_router(
     def overlay(inspection_id: str) -> Response:
         row = found(inspection_id)
         served_model = registry.get(row.model)
-        roi = served_model.detector.geometry.roi if served_model is not None else None
-        png = stored_overlay_png(stored(row.image, "image"), stored(row.map, "anomaly map"), row.threshold, roi)
+        # the region of interest of the model that scored it, while that model is the one served
+        same = served_model is not None and served_model.sha256 == row.model_sha256
+        geometry = served_model.detector.geometry if served_model is not None and same else Geometry()
+        png = stored_overlay_png(stored(row.image, "image"), stored(row.map, "anomaly map"), row.threshold, geometry)
         return Response(png, media_type="image/png")
 
     @v1.get("/inspections/{inspection_id}/heatmap.png", summary="the anomaly map in colour", response_class=Response)
