@@ -1118,9 +1118,9 @@ def _nan_bank(monkeypatch: pytest.MonkeyPatch, module: Any) -> None:
 def test_nan_score_is_an_error_verdict_and_exit_3(
     ws: Workspace, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import defectscope.runs.prediction as prediction
+    import defectscope.runs.info as loading  # where every run loads its model
 
-    _nan_bank(monkeypatch, prediction)
+    _nan_bank(monkeypatch, loading)
     before = _snapshot(ws.run, ws.results)
     images = sorted((ws.example / "test" / "good").iterdir())[:2]
     _, err = _ok(capsys, ["predict", ws.run, *images, "--out", ws.predictions], status=3)
@@ -1133,9 +1133,9 @@ def test_nan_score_is_an_error_verdict_and_exit_3(
 def test_nan_score_in_test_is_exit_3(
     ws: Workspace, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import defectscope.runs.evaluation as evaluation
+    import defectscope.runs.info as loading  # where every run loads its model
 
-    _nan_bank(monkeypatch, evaluation)
+    _nan_bank(monkeypatch, loading)
     before = _snapshot(ws.run, ws.out)
     _, err = _ok(capsys, ["test", ws.run, "--out", ws.results, "--no-overlays"], status=3)
     assert json.loads((ws.results / "metrics.json").read_text())["n_errors"] > 0
@@ -1146,7 +1146,7 @@ def test_nan_score_in_test_is_exit_3(
 def test_interrupt_keeps_the_earlier_predictions(
     ws: Workspace, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import defectscope.runs.prediction as prediction
+    import defectscope.runs.info as loading  # where every run loads its model
 
     def interrupted(folder: Path) -> Any:
         detector = load(folder)
@@ -1157,7 +1157,7 @@ def test_interrupt_keeps_the_earlier_predictions(
         detector.predict = predict
         return detector
 
-    monkeypatch.setattr(prediction, "load", interrupted)
+    monkeypatch.setattr(loading, "load", interrupted)
     before = _snapshot(*ws.all)
     capsys.readouterr()
     code = main(["predict", str(ws.run), str(ws.example / "test" / "good"), "--out", str(ws.predictions)])

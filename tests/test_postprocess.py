@@ -23,3 +23,18 @@ def test_anomaly_maps_upsample_and_keep_peak_location() -> None:
     assert maps.shape == (1, 64, 64)
     y, x = np.unravel_index(int(maps[0].argmax()), (64, 64))
     assert abs(y - (2 * 8 + 4)) <= 2 and abs(x - (5 * 8 + 4)) <= 2
+
+
+def test_anomaly_maps_equal_upsampling_then_blur() -> None:
+    """The matrix form equals bilinear upsampling followed by the separable blur, for up- and down-sizing."""
+    rng = torch.Generator().manual_seed(0)
+    for h, w, size, sigma in [
+        (32, 32, (256, 256), 4.0),
+        (7, 13, (50, 31), 2.0),
+        (40, 40, (16, 24), 1.0),
+        (8, 8, (8, 8), 0),
+    ]:
+        scores = torch.rand(3, h, w, generator=rng) * 20
+        up = torch.nn.functional.interpolate(scores[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+        ref = gaussian_blur(up, sigma)
+        assert torch.allclose(anomaly_maps(scores, size, sigma), ref, rtol=0, atol=2e-5 * 20)

@@ -73,14 +73,14 @@ def test_non_finite_scores_are_errors_never_good(fitted: Path, example_root: Pat
 def test_cli_exits_3_when_an_image_errored(
     fitted: Path, example_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    import defectscope.runs.prediction as prediction
+    import defectscope.runs.info as loading  # where every run loads its model
 
     def damaged(folder: Path):  # type: ignore[no-untyped-def]
         detector = load(folder)
         detector._index.bank[:] = float("nan")
         return detector
 
-    monkeypatch.setattr(prediction, "load", damaged)
+    monkeypatch.setattr(loading, "load", damaged)
     image = sorted((example_root / "test" / "good").iterdir())[0]
     assert main(["predict", str(fitted), str(image)]) == 3
     captured = capsys.readouterr()

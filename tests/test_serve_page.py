@@ -247,3 +247,36 @@ def test_login_box_and_rejected_upload(page: Any, live_serve: LiveServer, tmp_pa
         page.locator("#history tbody tr").first.wait_for()
         page.wait_for_function("() => document.querySelector('#results .card[data-id] .thumb img').naturalWidth > 0")
         _shot(page, "narrow", full_page=True)
+
+
+def test_the_page_with_the_onnxruntime_engine(page: Any, serve_run: Path, tmp_path: Path) -> None:
+    """``serve --engine onnxruntime``: the page shows the verdicts the API gives, and the scores are torch's."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install defectscope[onnx])")
+    from serve_helpers import live_server, make_app
+
+    from defectscope.engines import EngineChoice
+    from defectscope.runs import predict_run
+    from defectscope.serve.registry import ModelRegistry
+
+    registry = ModelRegistry.from_specs([str(serve_run)], engine=EngineChoice("onnxruntime"))
+    served = make_app(registry, tmp_path)
+    torch_scores = {Path(r.path).name: r.score for r in predict_run(serve_run, [GOOD, BROKEN]).records}
+    try:
+        with live_server(served) as live, httpx.Client(base_url=live.url, headers=live.headers, timeout=30) as client:
+            models = client.get("/v1/models").json()
+            assert [m["engine"]["engine"] for m in models] == ["onnxruntime"]
+            expected = {}
+            for path in (GOOD, BROKEN):
+                body = _api_inspect(client, path).json()
+                expected[path.name] = body["verdict"]
+                assert body["score"] == pytest.approx(torch_scores[path.name], rel=1e-4)
+            _open_page(page, live)
+            page.check(f"#models input[value='{MODEL}']")
+            page.set_input_files("#files", [str(GOOD), str(BROKEN)])
+            page.wait_for_function("() => document.querySelectorAll('#results .card[data-id]').length === 2")
+            for path in (GOOD, BROKEN):
+                card = page.locator(f"#results .card[data-filename='{path.name}']")
+                assert card.get_attribute("data-verdict") == expected[path.name]
+            _shot(page, "onnxruntime")
+    finally:
+        served.log.close()

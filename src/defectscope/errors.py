@@ -23,3 +23,11 @@ class ModelFileError(DefectscopeError):
 
 class OutputError(DefectscopeError):
     """A result cannot be written where it was asked for, or would replace the user's own files."""
+
+
+class NotExportable(DefectscopeError):
+    """A method (or one configuration of it) has no ONNX graph."""
+
+
+class ExportedModelError(DefectscopeError):
+    """An exported model file is damaged, foreign, stale or does not match its run."""

@@ -105,6 +105,7 @@ def evaluate(
             label=item.sample.label,
             defect_type=item.sample.defect_type,
             rule=rule,
+            engine=detector.engine_name,
         )
         record.overlay = written
         records.append(record)

@@ -58,6 +58,8 @@ class Record:
     label: int | None = None
     defect_type: str | None = None
     reason: str | None = None
+    #: What computed the score: ``torch``, ``onnxruntime``, ``openvino`` (``-int8`` for a quantised graph).
+    engine: str | None = None
 
     @classmethod
     def of(
@@ -71,6 +73,7 @@ class Record:
         label: int | None = None,
         defect_type: str | None = None,
         rule: str | None = None,
+        engine: str | None = None,
     ) -> Record:
         verdict, reason = judge(score, threshold)
         normalized = score / threshold if threshold is not None and verdict != "error" else None
@@ -86,6 +89,7 @@ class Record:
             label=label,
             defect_type=defect_type,
             reason=reason,
+            engine=engine,
         )
 
     @property
@@ -133,5 +137,9 @@ def looks_like_records(text: str) -> bool:
     return header in [",".join(c) for c in (*_HEADERS_BEFORE, _columns(False), _columns(True))]
 
 
-#: CSV headers of earlier versions (before the ``rule`` column), still recognised as ours.
-_HEADERS_BEFORE = [[c for c in _columns(labelled) if c != "rule"] for labelled in (False, True)]
+#: CSV headers of earlier versions (before the ``rule`` and ``engine`` columns), still recognised as ours.
+_HEADERS_BEFORE = [
+    [c for c in _columns(labelled) if c not in dropped]
+    for labelled in (False, True)
+    for dropped in (("engine",), ("rule", "engine"))
+]

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from ..records import EXIT_IMAGES_ERRORED
+
+if TYPE_CHECKING:
+    from ..engines import EngineChoice
 
 
 def _whole_number(text: str, minimum: int) -> int:
@@ -63,6 +67,37 @@ def add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", default="cpu", help="torch device: cpu (default) or cuda / cuda:N when a GPU exists"
     )
+
+
+def add_engine(parser: argparse.ArgumentParser) -> None:
+    """--engine and what goes with it (:class:`~defectscope.engines.EngineChoice`)."""
+    from ..engines import ENGINES
+
+    group = parser.add_argument_group("engine")
+    group.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="torch",
+        help="what computes the predictions: torch (the model itself, default), onnxruntime or openvino (its "
+        "exported ONNX graph: RUN/model.onnx if `defectscope export` wrote it, else exported in memory)",
+    )
+    group.add_argument(
+        "--int8", action="store_true", help="use the int8 graph (backbone quantised; RUN/model.int8.onnx)"
+    )
+    group.add_argument(
+        "--whole-graph",
+        action="store_true",
+        help="run the whole graph in the engine; by default PatchCore hands its patch embeddings to faiss, "
+        "whose inverted-file search is faster on a CPU than the graph's matrix products (same results)",
+    )
+    group.add_argument("--exported", metavar="FILE", help="an exported .onnx file of this run to use instead")
+
+
+def engine_choice(args: argparse.Namespace) -> EngineChoice:
+    """The engine the command line asked for."""
+    from ..engines import EngineChoice
+
+    return EngineChoice(args.engine, int8=args.int8, whole_graph=args.whole_graph, exported=args.exported)
 
 
 def add_overwrite(parser: argparse.ArgumentParser, what: str) -> None:

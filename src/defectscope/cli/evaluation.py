@@ -10,7 +10,16 @@ from ..evaluate import PIXEL_RESOLUTIONS
 from ..metrics.verdicts import describe_verdicts
 from ..runs import EvalResult, evaluate_run
 from ..thresholds import describe_calibration
-from .common import add_device, add_overwrite, exit_status, info, metrics_table, positive_int
+from .common import (
+    add_device,
+    add_engine,
+    add_overwrite,
+    engine_choice,
+    exit_status,
+    info,
+    metrics_table,
+    positive_int,
+)
 
 
 def print_result(result: EvalResult) -> None:
@@ -59,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         overwrite=args.overwrite,
         log=info,
+        engine=engine_choice(args),
     )
     print_result(result)
     return exit_status(result.n_errors, len(result.records))
@@ -108,4 +118,5 @@ def add_parser(sub: Any) -> None:
     )
     add_overwrite(test, "results into a folder holding other files")
     add_device(test)
+    add_engine(test)
     test.set_defaults(func=run)

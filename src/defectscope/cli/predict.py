@@ -11,7 +11,7 @@ from ..errors import OutputError
 from ..outputs import atomic_write, prepare_output_file
 from ..records import NO_THRESHOLD_NOTE, format_records, looks_like_records
 from ..runs import predict_run
-from .common import add_device, add_overwrite, exit_status, info, positive_int
+from .common import add_device, add_engine, add_overwrite, engine_choice, exit_status, info, positive_int
 
 
 def _check_out(path: str, overwrite: bool) -> Path:
@@ -38,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         overwrite=args.overwrite,
+        engine=engine_choice(args),
+        log=info,
     )
     if result.records and result.records[0].threshold is None:
         info(f"note: {NO_THRESHOLD_NOTE}")
@@ -76,4 +78,5 @@ def add_parser(sub: Any) -> None:
     predict.add_argument("--batch-size", type=positive_int, metavar="N", help="images per batch (default: the run's)")
     add_overwrite(predict, "the results file or heat maps")
     add_device(predict)
+    add_engine(predict)
     predict.set_defaults(func=run)

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..errors import DefectscopeError, OutputError
 from ..serve.settings import ServeSettings
-from .common import add_device, info, parse_number, positive_int
+from .common import add_device, add_engine, engine_choice, info, parse_number, positive_int
 
 DEFAULT_DATA_DIR = Path("defectscope-data")
 #: The token file made in the data folder when neither --token-file nor --no-auth is given.
@@ -98,6 +98,7 @@ def settings_of(args: argparse.Namespace) -> ServeSettings:
         max_batch=args.max_batch,
         retention_days=args.retention_days,
         device=args.device,
+        engine=engine_choice(args),
     )
 
 
@@ -113,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     if settings.token_file is not None:
         read_token(settings.token_file)  # readable, non-empty: checked before the models load
-    registry = ModelRegistry.from_specs(args.runs, device=settings.device)
+    registry = ModelRegistry.from_specs(args.runs, device=settings.device, engine=settings.engine, log=info)
     sock = bind(settings.host, settings.port)  # before anything is written: a taken port leaves no trace
     try:
         if not settings.no_auth and settings.token_file is None:
@@ -215,4 +216,5 @@ def add_parser(sub: Any) -> None:
         help="delete inspections (rows, images, maps) older than D days (default: keep all)",
     )
     add_device(serve)
+    add_engine(serve)
     serve.set_defaults(func=run)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..records import EXIT_IMAGES_ERRORED
-from .common import add_device, info, parse_number, positive_int
+from .common import add_device, add_engine, engine_choice, info, parse_number, positive_int
 from .serve import DEFAULT_DATA_DIR
 
 #: Exit status after SIGTERM (128 + 15), as a shell reports a process it terminated.
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     watched_folder(args.dir)  # checked before the model loads and the log is made
     run_folder, name = parse_spec(args.run)
-    model = ServedModel.load(run_folder, name, args.device)
+    model = ServedModel.load(run_folder, name, args.device, engine_choice(args), info)
     if args.sort:
         check_sortable(model)
     data_dir = Path(args.data_dir).expanduser()
@@ -153,4 +153,5 @@ def add_parser(sub: Any) -> None:
         "--batch-size", type=positive_int, metavar="N", help="images per model call (default: the run's)"
     )
     add_device(watch)
+    add_engine(watch)
     watch.set_defaults(func=run)

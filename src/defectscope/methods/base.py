@@ -15,7 +15,7 @@ from abc import ABC, ABCMeta, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar, Self, TypeVar
+from typing import Any, ClassVar, Protocol, Self, TypeVar
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ import torch
 from ..data import ImageDataset, Sample
 from ..data.dataset import Batch
 from ..data.sources import training_samples
-from ..errors import DefectscopeError
+from ..errors import DefectscopeError, NotExportable
 from ..geometry import Geometry
 from ..geometry.inspect import Inspected, inspect_samples
 from ..geometry.sources import check_region, view_dataset
@@ -62,6 +62,16 @@ class Prediction:
         return ~(self.scores <= self.threshold)
 
 
+class Engine(Protocol):
+    """What runs a fitted detector's computation instead of its own ``_predict`` (:mod:`defectscope.engines`)."""
+
+    name: str
+
+    def run(self, images: torch.Tensor) -> Prediction:
+        """Scores (B,) and maps (B, H, W) for images (B, 3, H, W) in [0, 1], as ``_predict`` gives them."""
+        ...
+
+
 class _CheckedParams(ABCMeta):
     """Checks what every constructor shares once the whole constructor has run: finite floats."""
 
@@ -85,6 +95,11 @@ class Detector(ABC, metaclass=_CheckedParams):
     param_help: ClassVar[dict[str, str]] = {}
     #: False for methods that pair each training item with its own image (they cannot fit on tiles).
     fits_on_tiles: ClassVar[bool] = True
+    #: Why this method has no ONNX graph (None: :meth:`export_module` gives one).
+    export_unsupported: ClassVar[str | None] = "it has no export graph yet"
+    #: Name of a third output of the export graph at which an engine may hand over to
+    #: :meth:`_predict_from_handover` (a step that torch code does faster on the CPU), or None.
+    export_handover: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -132,6 +147,16 @@ class Detector(ABC, metaclass=_CheckedParams):
         #: How images become this method's inputs (:mod:`defectscope.geometry`); set by :meth:`fit`.
         self.geometry = Geometry()
         self.device = torch.device("cpu")
+        #: What computes predictions: None for this detector's own torch code, else an exported graph's engine.
+        self.engine: Engine | None = None
+
+    @property
+    def engine_name(self) -> str:
+        """What computes this detector's predictions, as records name it: ``torch``, ``onnxruntime``, ...
+        (``-int8`` appended for a quantised graph)."""
+        if self.engine is None:
+            return "torch"
+        return self.engine.name + ("-int8" if getattr(self.engine, "int8", False) else "")
 
     def to(self, device: str | torch.device) -> Self:
         """Run on ``device`` ("cpu", "cuda", "cuda:1", ...); inputs and outputs stay on the CPU."""
@@ -190,6 +215,17 @@ class Detector(ABC, metaclass=_CheckedParams):
     @abstractmethod
     def _load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Inverse of :meth:`_state`."""
+
+    def export_module(self) -> torch.nn.Module:
+        """A traceable module: images (B, 3, S, S) in [0, 1] -> (scores (B,), maps (B, S, S)), computing what
+        :meth:`_predict` computes with this fitted detector's tensors (see :mod:`defectscope.export`)."""
+        if self.export_unsupported is not None:
+            raise NotExportable(f"{self.name} cannot be exported to ONNX: {self.export_unsupported}")
+        return _PredictGraph(self)
+
+    def _predict_from_handover(self, value: torch.Tensor) -> Prediction:
+        """The rest of :meth:`_predict` from the export graph's ``export_handover`` output."""
+        raise NotImplementedError(f"{self.name} has no export handover")
 
     def _fit_details(self) -> dict[str, Any]:
         """Facts about the last ``_fit`` to keep in ``fit_info`` (e.g. training epochs and time)."""
@@ -364,7 +400,8 @@ class Detector(ABC, metaclass=_CheckedParams):
             raise DefectscopeError(
                 f"expected images of shape (B, {expected[0]}, {expected[1]}, {expected[2]}), got {tuple(images.shape)}"
             )
-        out = self._predict(images.float().to(self.device))
+        images = images.float()
+        out = self._predict(images.to(self.device)) if self.engine is None else self.engine.run(images)
         recon = out.reconstructions
         return replace(
             out,
@@ -378,6 +415,20 @@ class Detector(ABC, metaclass=_CheckedParams):
     def save(self, folder: str | os.PathLike) -> Path:
         """Write ``config.json`` + ``model.safetensors`` into ``folder`` (created if needed), atomically."""
         return save_model(self, folder)
+
+
+class _PredictGraph(torch.nn.Module):
+    """A method whose ``_predict`` is made of traceable tensor operations, as a module for export."""
+
+    def __init__(self, detector: Detector) -> None:
+        super().__init__()
+        self.detector = [detector]  # a list: not a submodule; its fitted tensors become graph constants
+        # its networks as submodules, so their weights become the graph's named initializers
+        self.networks = torch.nn.ModuleDict({k: v for k, v in detector._modules().items() if v is not None})
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.detector[0]._predict(images)
+        return out.scores, out.maps
 
 
 def fitted(detector: Detector, value: T | None) -> T:

@@ -29,6 +29,7 @@ class PaDiM(BackboneDetector):
 
     name = "padim"
     nonnegative_scores = True
+    export_unsupported = None
 
     def __init__(
         self,

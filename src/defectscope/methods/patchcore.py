@@ -13,13 +13,15 @@ of a fixed dimension, the paper's fixed-dimension projection, which weighs the f
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..data import ImageDataset, iterate_batches
 from ..errors import DefectscopeError
 from ..nn.coreset import greedy_coreset
 from ..nn.embedding import patch_embedding
-from ..nn.knn import NearestNeighbors
+from ..nn.knn import BankSearch, NearestNeighbors
 from ..postprocess import anomaly_maps
 from ..thresholds import DEFAULT_FALSE_ALARM_RATE, DEFAULT_RULE, DEFAULT_TARGET_RECALL, ThresholdRule
 from .backbone_detector import BackboneDetector
@@ -32,6 +34,8 @@ class PatchCore(BackboneDetector):
 
     name = "patchcore"
     nonnegative_scores = True
+    export_unsupported = None
+    export_handover = "embeddings"
 
     def __init__(
         self,
@@ -88,33 +92,54 @@ class PatchCore(BackboneDetector):
         self._index = NearestNeighbors(bank.contiguous(), exact=self.exact_search)
 
     def _predict(self, images: torch.Tensor) -> Prediction:
-        emb = self.embed(images)
-        b, d, h, w = emb.shape
+        return self._predict_from_handover(self.embed(images))
+
+    def _predict_from_handover(self, emb: torch.Tensor) -> Prediction:
+        """Scores and maps from patch embeddings (B, D, h, w): faiss search, then :meth:`_scores_and_maps`."""
+        d = emb.shape[1]
         queries = emb.permute(0, 2, 3, 1).reshape(-1, d)
         dist, nearest = self.index.search(queries, 1)
-        patch_scores = dist[:, 0].reshape(b, h * w)
-        scores = self._image_scores(queries.reshape(b, h * w, d), patch_scores, nearest[:, 0].reshape(b, h * w))
-        return Prediction(scores, anomaly_maps(patch_scores.reshape(b, h, w), images.shape[-2:], self.blur_sigma))
+        scores, maps = self._scores_and_maps(
+            queries, dist[:, 0], nearest[:, 0], emb.shape, self.index.bank, self._support
+        )
+        return Prediction(scores, maps)
 
-    def _image_scores(self, queries: torch.Tensor, patch_scores: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
-        """The paper's re-weighted image score: s = (1 - softmax(|m* - n|)_0) * max patch score.
+    def _support(self, anchors: torch.Tensor) -> torch.Tensor:
+        """(B, k) bank rows nearest to the bank rows ``anchors`` (B,), itself first, k = ``num_neighbors``."""
+        return self.index.search(self.index.bank[anchors], min(self.num_neighbors, len(self.index))).indices
 
-        For each image, m* is its most anomalous patch and n ranges over the ``num_neighbors``
-        bank patches nearest to m*'s nearest bank patch (itself first). A test patch whose nearest
-        bank patch sits in a sparse region of the bank gets a score closer to its raw distance.
+    def _scores_and_maps(
+        self,
+        queries: torch.Tensor,
+        dist: torch.Tensor,
+        nearest: torch.Tensor,
+        shape: torch.Size,
+        bank: torch.Tensor,
+        support: Callable[[torch.Tensor], torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image scores (B,) and maps from the patch queries (B*h*w, D), their nearest bank distances
+        and rows (B*h*w,), the bank (N, D) and ``support``, the bank neighbourhood of a bank row (the paper's Eq. 7).
+
+        The re-weighted image score is s = (1 - softmax(|m* - n|)_0) * max patch score: m* is an image's
+        most anomalous patch and n ranges over the ``num_neighbors`` bank patches nearest to m*'s nearest
+        bank patch (itself first), so a test patch whose nearest bank patch sits in a sparse region of the
+        bank gets a score closer to its raw distance. Tensor operations only (it also builds the ONNX graph).
         """
-        best = patch_scores.argmax(1)
-        rows = torch.arange(patch_scores.shape[0])
-        top = patch_scores[rows, best]
-        k = min(self.num_neighbors, len(self.index))
-        if k < 2:
-            return top
-        anchors = self.index.bank[nearest[rows, best]]
-        _, support = self.index.search(anchors, k)
-        worst = queries[rows, best]
-        dists = torch.linalg.vector_norm(self.index.bank[support] - worst[:, None], dim=-1)
+        b, d, h, w = shape
+        patch_scores = dist.reshape(b, h * w)
+        best = patch_scores.argmax(1, keepdim=True)
+        top = patch_scores.gather(1, best)[:, 0]
+        maps = anomaly_maps(patch_scores.reshape(b, h, w), (self.image_size, self.image_size), self.blur_sigma)
+        if min(self.num_neighbors, len(self.index)) < 2:
+            return top, maps
+        anchors = nearest.reshape(b, h * w).gather(1, best)[:, 0]
+        worst = queries.reshape(b, h * w, d).gather(1, best[:, :, None].expand(b, 1, d))  # (B, 1, D)
+        dists = torch.linalg.vector_norm(bank[support(anchors)] - worst, dim=-1)
         weight = 1.0 - torch.softmax(dists, dim=1)[:, 0]
-        return weight * top
+        return weight * top, maps
+
+    def export_module(self) -> torch.nn.Module:
+        return _PatchCoreGraph(self)
 
     @property
     def index(self) -> NearestNeighbors:
@@ -133,3 +158,30 @@ class PatchCore(BackboneDetector):
         if bank.ndim != 2:
             raise ValueError(f"memory_bank must be 2-D, got shape {tuple(bank.shape)}")
         self._index = NearestNeighbors(bank, exact=self.exact_search)
+
+
+class _PatchCoreGraph(torch.nn.Module):
+    """PatchCore's ``_predict`` with faiss replaced by :class:`BankSearch` and the bank neighbourhoods
+    of Eq. 7 looked up in a table (every bank row's ``num_neighbors`` nearest rows, found by the same index)."""
+
+    support: torch.Tensor  # buffer (N, k)
+
+    def __init__(self, detector: PatchCore) -> None:
+        super().__init__()
+        self.detector = [detector]  # a list: not a submodule; its fitted tensors become graph constants
+        self.extractor = detector.extractor
+        self.search = BankSearch(detector.index)
+        k = min(detector.num_neighbors, len(detector.index))
+        rows = torch.arange(len(detector.index))
+        table = torch.cat([detector._support(rows[a : a + 4096]) for a in range(0, len(rows), 4096)]) if k > 1 else rows
+        self.register_buffer("support", table)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        detector = self.detector[0]
+        emb = detector.embed(images)
+        queries = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
+        dist, nearest = self.search(queries)
+        scores, maps = detector._scores_and_maps(
+            queries, dist, nearest, emb.shape, self.search.bank, lambda rows: self.support[rows]
+        )
+        return scores, maps, emb

@@ -16,15 +16,16 @@ import numpy as np
 
 from ..data import Sample, folder_samples
 from ..data.sources import labelled_samples, resolve_categories
+from ..engines import EngineChoice
 from ..errors import DataError, DefectscopeError
 from ..evaluate import PixelResolution, evaluate
-from ..methods import Detector, load
+from ..methods import Detector
 from ..outputs import StagedFiles, atomic_write_json, json_text, prepare_output_dir
 from ..progress import Log, quiet
 from ..records import NO_THRESHOLD_NOTE, Record, format_records
 from ..report.html import write_report
 from ..report.images import ReportImages
-from .info import RunInfo, model_facts, run_info
+from .info import RunInfo, load_with_engine, model_facts, run_info
 
 
 @dataclass
@@ -201,6 +202,7 @@ def evaluate_run(
     overwrite: bool = False,
     log: Log = quiet,
     detector: Detector | None = None,
+    engine: EngineChoice | None = None,
 ) -> EvalResult:
     """Test the run folder ``run`` on labelled images and write metrics, predictions and a report.
 
@@ -209,9 +211,10 @@ def evaluate_run(
     Results go to ``out`` (default ``RUN/test``; a folder holding other files is refused unless
     ``overwrite``); with several categories, one sub-folder per category plus the mean. Pixel
     metrics compare maps and masks at ``pixel_resolution`` (``native`` or ``square``; default
-    :func:`~defectscope.evaluate.default_resolution` of the model's geometry).
+    :func:`~defectscope.evaluate.default_resolution` of the model's geometry). ``engine`` (default:
+    torch) says what computes the predictions (:mod:`defectscope.engines`).
     """
-    detector = detector or load(run).to(device)
+    detector = load_with_engine(run, device, engine, log, detector)
     info = run_info(detector)
     folder = Path(out) if out is not None else Path(run) / "test"
     sets: list[tuple[str | None, str, list[Sample]]]

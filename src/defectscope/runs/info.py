@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -12,8 +13,10 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..engines import EngineChoice, engine_facts, use_engine
 from ..errors import ModelFileError
-from ..methods import Detector
+from ..methods import Detector, load
+from ..progress import Log
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,18 @@ def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def load_with_engine(
+    run: str | os.PathLike[str], device: str, engine: EngineChoice | None, log: Log, detector: Detector | None = None
+) -> Detector:
+    """The run folder's detector (or ``detector``, already loaded from it) on ``device``, predicting with ``engine``."""
+    detector = detector or load(run).to(device)
+    if engine is not None:
+        note = use_engine(detector, engine, run)
+        if note:
+            log(f"note: {note}")
+    return detector
+
+
 def model_facts(detector: Detector) -> dict[str, Any]:
     """What a test report's header says about the model: method, backbone, input geometry, fit."""
     info = run_info(detector)
@@ -111,6 +126,7 @@ def model_facts(detector: Detector) -> dict[str, Any]:
         "fitted_at": (info.fit_date or None) if info else None,
         "defectscope_version": info.versions.get("defectscope") if info else None,
         "categories": list(info.categories) if info else list(detector.fit_info.get("categories", [])),
+        "engine": engine_facts(detector),
     }
 
 

@@ -10,13 +10,15 @@ from pathlib import Path
 from ..data import Sample
 from ..data.layouts import image_files, mvtec_samples
 from ..data.sources import resolve_categories
+from ..engines import EngineChoice
 from ..errors import DataError
-from ..methods import Detector, load
+from ..methods import Detector
 from ..outputs import atomic_save_image, prepare_output_dir
+from ..progress import Log, quiet
 from ..records import Record
 from ..report.images import heat_overlay
 from ..report.overlay import unique_names
-from .info import run_info
+from .info import load_with_engine, run_info
 
 
 @dataclass
@@ -86,14 +88,17 @@ def predict_run(
     device: str = "cpu",
     overwrite: bool = False,
     detector: Detector | None = None,
+    engine: EngineChoice | None = None,
+    log: Log = quiet,
 ) -> PredictResult:
     """Score every image ``paths`` stand for with the run folder ``run``.
 
     With ``heatmaps``, an overlay per image is written there at the image's own size (its region of
     interest, for a model with one; distinct names also for images of the same name from different
-    folders); that folder is checked before any image is scored.
+    folders); that folder is checked before any image is scored. ``engine`` (default: torch) says
+    what computes the predictions (:mod:`defectscope.engines`).
     """
-    detector = detector or load(run).to(device)
+    detector = load_with_engine(run, device, engine, log, detector)
     info = run_info(detector)
     samples = prediction_samples(paths, info.categories if info else [])
     folder = prepare_output_dir(heatmaps, overwrite=overwrite, what="heat maps") if heatmaps is not None else None
@@ -103,7 +108,9 @@ def predict_run(
     records: list[Record] = []
     for item in detector.inspect(samples, batch_size=batch_size, native=folder is not None, desc="predicting"):
         category = item.sample.category or None
-        record = Record.of(item.path, category, item.score, float(item.map.max()), threshold, rule=rule)
+        record = Record.of(
+            item.path, category, item.score, float(item.map.max()), threshold, rule=rule, engine=detector.engine_name
+        )
         if folder is not None:
             target = folder / f"{names[item.path]}_heatmap.png"
             assert item.image is not None  # inspected with native pixels

@@ -25,14 +25,17 @@ import torch
 from PIL import Image
 
 from ..data.image_io import read_image_bytes
+from ..engines import EngineChoice, engine_facts
 from ..errors import DefectscopeError, ModelFileError
 from ..geometry.inspect import assemble
 from ..geometry.sources import open_image
 from ..geometry.views import Assembler, Views
-from ..methods import Detector, Prediction, load
+from ..methods import Detector, Prediction
 from ..methods.model_file import CONFIG_FILE, TENSORS_FILE
+from ..progress import Log, quiet
 from ..records import Record
 from ..runs import RunInfo, run_info
+from ..runs.info import load_with_engine
 
 if TYPE_CHECKING:
     from .store import Inspection, InspectionLog
@@ -109,8 +112,16 @@ class ServedModel:
         self.lock = threading.Lock()
 
     @classmethod
-    def load(cls, run: str | Path, name: str | None = None, device: str = "cpu") -> ServedModel:
-        """Load a run folder; the name defaults to the folder's name and must match :data:`NAME_PATTERN`."""
+    def load(
+        cls,
+        run: str | Path,
+        name: str | None = None,
+        device: str = "cpu",
+        engine: EngineChoice | None = None,
+        log: Log = quiet,
+    ) -> ServedModel:
+        """Load a run folder, predicting with ``engine`` (default torch); the name defaults to the folder's
+        name and must match :data:`NAME_PATTERN`."""
         folder = Path(run).expanduser()
         name = folder.resolve().name if name is None else name
         if not NAME_PATTERN.fullmatch(name):
@@ -120,7 +131,7 @@ class ServedModel:
             )
         if not folder.is_dir():
             raise ModelFileError(f"{folder}: run folder not found")
-        detector = load(folder).to(device)
+        detector = load_with_engine(folder, device, engine, log)
         try:
             sha256, tensors_sha256 = _sha256_run(folder)
             stored = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")).get("tensors_sha256")
@@ -160,6 +171,7 @@ class ServedModel:
             "geometry": self.detector.geometry.to_json(),
             "categories": self.categories,
             "false_alarm_bound": calibration.false_alarm_bound if calibration else None,
+            "engine": engine_facts(self.detector),
         }
 
     # -- the pipeline, one step at a time (the service runs each where it belongs) ------------------
@@ -233,6 +245,7 @@ class ServedModel:
             float(amap.max()),
             self.threshold,
             rule=self.rule,
+            engine=self.detector.engine_name,
         )
         begin = time.perf_counter()
         image_name = log.store_file(decoded.data, decoded.suffix)
@@ -294,7 +307,9 @@ class ModelRegistry:
             self._models[model.name] = model
 
     @classmethod
-    def from_specs(cls, specs: Sequence[str], device: str = "cpu") -> ModelRegistry:
+    def from_specs(
+        cls, specs: Sequence[str], device: str = "cpu", engine: EngineChoice | None = None, log: Log = quiet
+    ) -> ModelRegistry:
         """Load every ``RUN`` or ``RUN=NAME``; names are checked before any model is loaded."""
         parsed = [parse_spec(spec) for spec in specs]
         names = [name if name is not None else run.expanduser().resolve().name for run, name in parsed]
@@ -305,7 +320,7 @@ class ModelRegistry:
                     f"{spec}: the name {name!r} is already taken by {seen[name]}; name one with RUN=NAME"
                 )
             seen[name] = spec
-        return cls([ServedModel.load(run, name, device) for (run, _), name in zip(parsed, names)])
+        return cls([ServedModel.load(run, name, device, engine, log) for (run, _), name in zip(parsed, names)])
 
     def get(self, name: str) -> ServedModel | None:
         return self._models.get(name)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from ..engines import EngineChoice
 
 #: Largest request body accepted (an image upload, a feedback mask): 64 MiB.
 DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024 * 1024
@@ -33,3 +35,5 @@ class ServeSettings:
     retention_days: float | None = None
     cors_origins: tuple[str, ...] = ()
     device: str = "cpu"
+    #: What computes predictions (torch, or an exported graph in onnxruntime / OpenVINO).
+    engine: EngineChoice = field(default_factory=EngineChoice)
