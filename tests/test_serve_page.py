@@ -277,6 +277,7 @@ def test_the_page_with_the_onnxruntime_engine(page: Any, serve_run: Path, tmp_pa
             for path in (GOOD, BROKEN):
                 card = page.locator(f"#results .card[data-filename='{path.name}']")
                 assert card.get_attribute("data-verdict") == expected[path.name]
+            assert "onnxruntime" in page.locator(f".model[data-model='{MODEL}'] .model-meta").inner_text()
             _shot(page, "onnxruntime")
     finally:
         served.log.close()

@@ -349,6 +349,8 @@
       const label = list.querySelector(`.model[data-model="${CSS.escape(m.name)}"]`);
       const meta = [m.method, m.threshold !== null && m.threshold !== undefined ? `threshold ${fmt(m.threshold)}` : "no threshold"];
       if (m.rule) meta.push(m.rule);
+      const engine = m.engine && m.engine.engine;
+      if (engine && engine !== "torch") meta.push(m.engine.int8 ? `${engine} int8` : engine);
       label.querySelector(".model-meta").textContent = meta.filter(Boolean).join(" · ");
       const c = counts[i];
       const countsNode = label.querySelector(".model-counts");
