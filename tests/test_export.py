@@ -156,6 +156,8 @@ def test_records_and_report_name_the_engine(runs: dict[str, Path], tmp_path: Pat
     metrics = json.loads((tmp_path / "ort" / "metrics.json").read_text())
     assert metrics["model"]["engine"]["engine"] == "onnxruntime"
     assert "engine" in (tmp_path / "ort" / "predictions.csv").read_text().splitlines()[0]
+    report = (tmp_path / "ort" / "report.html").read_text()
+    assert '<tr data-fact="engine"><th class="row">engine</th><td>onnxruntime (' in report
     for key in ("image_auroc", "pixel_auroc"):
         assert ort_result.parts[0].metrics[key] == pytest.approx(torch_result.parts[0].metrics[key], abs=1e-6)
 

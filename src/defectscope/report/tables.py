@@ -21,7 +21,19 @@ _MODEL_FACTS: tuple[tuple[str, str, Any], ...] = (
     ("fitted_at", "fitted", lambda v: _when(v)),
     ("categories", "categories", lambda v: ", ".join(map(str, v)) if v else "none recorded"),
     ("defectscope_version", "defectscope", str),
+    ("engine", "engine", lambda v: _engine(v)),
 )
+
+
+def _engine(facts: dict[str, Any]) -> str:
+    """ "torch", or e.g. "onnxruntime (int8; whole graph; model.onnx)"."""
+    name = str(facts.get("engine", "torch"))
+    if name == "torch":
+        return name
+    parts = ["int8"] if facts.get("int8") else []
+    parts += [f"graph {facts['graph']}"] if facts.get("graph") else []
+    parts += [str(facts["exported"])] if facts.get("exported") else []
+    return f"{name} ({'; '.join(parts)})" if parts else name
 
 
 def _when(value: str) -> str:
