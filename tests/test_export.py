@@ -81,7 +81,7 @@ def test_engines_agree_with_torch(runs: dict[str, Path], test_images: torch.Tens
 def test_patchcore_handover_to_faiss_agrees_with_the_whole_graph(
     runs: dict[str, Path], test_images: torch.Tensor
 ) -> None:
-    detector, whole = _engine(runs["patchcore"], "onnxruntime", whole_graph=True)
+    _, whole = _engine(runs["patchcore"], "onnxruntime", whole_graph=True)
     _, split = _engine(runs["patchcore"], "onnxruntime", whole_graph=False)
     assert split.handover == "embeddings" and whole.handover is None
     a, b = whole.run(test_images), split.run(test_images)

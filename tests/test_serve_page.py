@@ -252,11 +252,10 @@ def test_login_box_and_rejected_upload(page: Any, live_serve: LiveServer, tmp_pa
 def test_the_page_with_the_onnxruntime_engine(page: Any, serve_run: Path, tmp_path: Path) -> None:
     """``serve --engine onnxruntime``: the page shows the verdicts the API gives, and the scores are torch's."""
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install defectscope[onnx])")
-    from serve_helpers import live_server, make_app
-
     from defectscope.engines import EngineChoice
     from defectscope.runs import predict_run
     from defectscope.serve.registry import ModelRegistry
+    from serve_helpers import live_server, make_app
 
     registry = ModelRegistry.from_specs([str(serve_run)], engine=EngineChoice("onnxruntime"))
     served = make_app(registry, tmp_path)

@@ -15,7 +15,7 @@ SCORE_RTOL, MAP_ATOL = 1e-4, 1e-3
 @dataclass(frozen=True)
 class Parity:
     n_images: int
-    score_rel: float  # max |s_engine - s_torch| / max(|s_torch|, tiny)
+    score_rel: float  # max |s_engine - s_torch| / max(|s_torch|, |threshold|, tiny)
     map_abs: float  # max |m_engine - m_torch| / threshold (or / max |m_torch| without one)
     verdicts_equal: bool
 
@@ -41,7 +41,9 @@ def compare(detector: Detector, engine: Engine, images: torch.Tensor) -> Parity:
     finally:
         detector.engine = saved
     tiny = torch.finfo(torch.float32).tiny
-    score_rel = ((theirs.scores - ours.scores).abs() / ours.scores.abs().clamp_min(tiny)).max().item()
+    # relative to the score, or to the threshold where a signed score (a logit) sits near 0
+    scale_s = ours.scores.abs().clamp_min(abs(ours.threshold or 0.0)).clamp_min(tiny)
+    score_rel = ((theirs.scores - ours.scores).abs() / scale_s).max().item()
     scale = ours.threshold if ours.threshold else ours.maps.abs().max().clamp_min(tiny).item()
     map_abs = (theirs.maps - ours.maps).abs().max().item() / abs(scale)
     same = ours.threshold is None or bool(torch.equal(ours.verdicts, theirs.verdicts))

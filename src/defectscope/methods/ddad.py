@@ -45,6 +45,7 @@ class DDAD(DiffusionDetector):
     """Target-conditioned DDIM reconstruction with pixel + (domain-adapted) feature distances."""
 
     name = "ddad"
+    export_unsupported = None
 
     def __init__(
         self,

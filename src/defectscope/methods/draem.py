@@ -61,6 +61,7 @@ class DRAEM(TrainedDetector):
     """Reconstruct-then-segment detector trained on synthetic anomalies."""
 
     name = "draem"
+    export_unsupported = None
     nonnegative_scores = True
 
     def __init__(

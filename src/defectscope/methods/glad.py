@@ -58,6 +58,7 @@ class GLAD(DiffusionDetector):
     """Diffusion reconstruction with per-image denoising steps, anomaly-aware training and spatial fusion."""
 
     name = "glad"
+    export_unsupported = None
 
     def __init__(
         self,

@@ -48,7 +48,7 @@ from torch import nn
 
 from ..data import ImageDataset
 from ..data.dataset import Batch
-from ..errors import DefectscopeError
+from ..errors import DefectscopeError, NotExportable
 from ..nn.distillation import (
     StridedHeads,
     batch_targets,
@@ -115,6 +115,7 @@ class MKD(DistillationDetector):
     """Source/cloner distillation at several layers; score = distillation loss, maps by gradient or discrepancy."""
 
     name = "mkd"
+    export_unsupported = None
 
     def __init__(
         self,
@@ -211,6 +212,15 @@ class MKD(DistillationDetector):
 
         raw = discrepancy_map(outputs, targets, tuple(targets[0].shape[-2:]), local)
         return Prediction(self.losses(outputs, targets), anomaly_maps(raw, size, self.blur_sigma))
+
+    def export_module(self) -> nn.Module:
+        if self.localization == "gradient":
+            raise NotExportable(
+                f"{self.name} cannot be exported to ONNX: localization='gradient' maps are input gradients "
+                "(a backward pass through both networks), which an inference graph does not compute; "
+                "localization='discrepancy' exports"
+            )
+        return super().export_module()
 
     def _modules(self) -> dict[str, nn.Module | None]:
         return super()._modules() | {"cloner": self._cloner}

@@ -131,6 +131,7 @@ class ReverseDistillation(DistillationDetector):
     """Frozen encoder, trained one-class bottleneck and reverse decoder; anomalies = cosine discrepancy."""
 
     name = "reverse_distillation"
+    export_unsupported = None
     nonnegative_scores = True
     min_layers = 2
 

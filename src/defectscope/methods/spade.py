@@ -14,6 +14,7 @@ from ..backbones import LAYERS
 from ..data import ImageDataset, iterate_batches
 from ..errors import DefectscopeError
 from ..nn.embedding import patch_embedding
+from ..nn.exact_knn import CHUNK, exact_distances, knn, merge, partial_knn
 from ..nn.knn import NearestNeighbors
 from ..postprocess import anomaly_maps
 from ..thresholds import DEFAULT_FALSE_ALARM_RATE, DEFAULT_RULE, DEFAULT_TARGET_RECALL, ThresholdRule
@@ -27,6 +28,7 @@ class SPADE(BackboneDetector):
 
     name = "spade"
     nonnegative_scores = True
+    export_unsupported = None
 
     def __init__(
         self,
@@ -60,7 +62,7 @@ class SPADE(BackboneDetector):
         self.num_patch_neighbors = num_patch_neighbors
         self.neighbourhood = neighbourhood
         self.blur_sigma = blur_sigma
-        self._image_index: NearestNeighbors | None = None  # pooled features of the N fitting images
+        self._image_index: NearestNeighbors | None = None  # its bank: pooled features of the N fitting images
         self._patches: torch.Tensor | None = None  # (N, P, D) float16 patch features of the same images
 
     @property
@@ -93,19 +95,29 @@ class SPADE(BackboneDetector):
 
     def nearest_images(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Distances and indices (B, K) of the K nearest fitting images of pooled features (B, C)."""
-        k = min(self.num_image_neighbors, len(self.image_index))
-        return self.image_index.search(pooled, k)
+        return knn(pooled, self.image_index.bank, self.num_image_neighbors)
+
+    def patch_distances(self, queries: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+        """(B, P, k) distances of patch features (B, P, D) to their k nearest patches among all patches of
+        each image's retrieved fitting images ``nearest`` (B, K), gathered a few images at a time."""
+        patches = self.patches
+        per_image = patches.shape[1]
+        k = min(self.num_patch_neighbors, nearest.shape[1] * per_image)
+        step = max(1, CHUNK // per_image)
+        parts = [
+            partial_knn(queries, patches[nearest[:, a : a + step]].flatten(1, 2).float(), k, a * per_image)
+            for a in range(0, nearest.shape[1], step)
+        ]
+        found = merge(queries, parts, k).indices  # (B, P, k) rows of the gallery: image rank * P + patch
+        image = nearest.gather(1, (found // per_image).flatten(1)).view_as(found)
+        vectors = patches[image, found % per_image].float()
+        return exact_distances(queries, vectors, found).distances
 
     def _predict(self, images: torch.Tensor) -> Prediction:
         pooled, emb = self.embed(images)
-        b, d, h, w = emb.shape
+        b, _, h, w = emb.shape
         dist, nearest = self.nearest_images(pooled)
-        queries = emb.flatten(2).transpose(1, 2)  # (B, P, D)
-        patch_scores = torch.empty(b, h * w)
-        for i in range(b):
-            gallery = NearestNeighbors(self.patches[nearest[i]].reshape(-1, d), exact=True)
-            k = min(self.num_patch_neighbors, len(gallery))
-            patch_scores[i] = gallery.search(queries[i], k)[0].mean(1)
+        patch_scores = self.patch_distances(emb.flatten(2).transpose(1, 2), nearest).mean(2)
         return Prediction(dist.mean(1), anomaly_maps(patch_scores.reshape(b, h, w), images.shape[-2:], self.blur_sigma))
 
     @property

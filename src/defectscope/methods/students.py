@@ -75,6 +75,7 @@ class UninformedStudents(DistillationDetector):
     """Ensemble of students regressing pretrained patch features; score = error + variance."""
 
     name = "students"
+    export_unsupported = None
 
     def __init__(
         self,

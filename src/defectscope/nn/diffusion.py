@@ -17,6 +17,7 @@ import copy
 import importlib
 import json
 from collections.abc import Callable, Mapping, Sequence
+from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
 from typing import Any, cast
@@ -275,7 +276,7 @@ def discrepancy_score(discrepancy: torch.Tensor, top: float = 0.01) -> torch.Ten
     raises (the mean over the whole image would drown it).
     """
     flat = discrepancy.flatten(1)
-    k = max(1, round(top * flat.shape[1]))
+    k = max(1, round(top * int(flat.shape[1])))  # int: a traced size is a tensor
     return flat.topk(k, dim=1).values.mean(1)
 
 
@@ -298,10 +299,16 @@ def fusion_mask(discrepancy: torch.Tensor, low: float | torch.Tensor, high: floa
     return ((discrepancy - low) / span.clamp(min=1e-12)).clamp(0, 1)
 
 
-def fixed_noise(shape: Sequence[int], n: int, seed: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
-    """``n`` seeded standard normal tensors of ``shape`` (the same for every call with this seed)."""
+@lru_cache(maxsize=8)
+def _seeded_noise(shape: tuple[int, ...], n: int, seed: int) -> tuple[torch.Tensor, ...]:
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(tuple(shape), generator=generator).to(device) for _ in range(n)]
+    return tuple(torch.randn(shape, generator=generator) for _ in range(n))
+
+
+def fixed_noise(shape: Sequence[int], n: int, seed: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """``n`` seeded standard normal tensors of ``shape`` (the same for every call with this seed; not to be
+    changed in place). Drawn once and kept, so that tracing a caller for export records them as constants."""
+    return [t.to(device) for t in _seeded_noise(tuple(int(s) for s in shape), n, seed)]
 
 
 def ddim_denoise(

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from ...data import ImageDataset
 from ...errors import DefectscopeError
 from ...nn.embedding import patch_embedding
+from ...nn.exact_knn import knn
 from ...nn.grouped_knn import nearest_excluding_groups
-from ...nn.knn import NearestNeighbors, Neighbours
+from ...nn.knn import Neighbours
 from ...nn.state import under_prefix, with_prefix
 from ...postprocess import anomaly_maps
 from ...thresholds import DEFAULT_FALSE_ALARM_RATE, DEFAULT_RULE, DEFAULT_TARGET_RECALL, ThresholdRule
@@ -47,6 +48,7 @@ class DMAD(TrainedDetector, BackboneDetector):
 
     name = "dmad"
     uses_labelled_defects = True
+    export_unsupported = None
     fits_on_tiles = False  # its banks keep one group of patches per training image
 
     def __init__(
@@ -123,8 +125,8 @@ class DMAD(TrainedDetector, BackboneDetector):
         self.correction_bound = correction_bound
         self.patch_batch = patch_batch
         self.blur_sigma = blur_sigma
-        self._normal: NearestNeighbors | None = None
-        self._anomaly: NearestNeighbors | None = None
+        self._normal: torch.Tensor | None = None  # (N, D) normal bank
+        self._anomaly: torch.Tensor | None = None  # (M, D) anomaly bank
         self._scorer: Scorer | None = None
         self._scale = 1.0
         self._input_mean = torch.empty(0)
@@ -146,8 +148,7 @@ class DMAD(TrainedDetector, BackboneDetector):
         banks = BankBuilder(self, dataset).build(rng)
         self._scale, self._n_labelled_bank = banks.scale, banks.n_labelled
         training = self._training_set(banks, rng)
-        self._normal = NearestNeighbors(banks.normal, exact=True)
-        self._anomaly = NearestNeighbors(banks.anomaly, exact=True)
+        self._normal, self._anomaly = banks.normal.float().contiguous(), banks.anomaly.float().contiguous()
         self._train_scorer(training)
         self._details = {
             "normal_bank_size": len(banks.normal),
@@ -295,11 +296,9 @@ class DMAD(TrainedDetector, BackboneDetector):
         emb = self.embed(images)
         b, d, h, w = emb.shape
         queries = emb.permute(0, 2, 3, 1).reshape(-1, d)
-        normal, anomaly = fitted(self, self._normal), fitted(self, self._anomaly)
+        normal, anomaly = self.normal_bank, self.anomaly_bank
         k = self.num_neighbors
-        x = knowledge(
-            queries, normal.bank, normal.search(queries, k), anomaly.bank, anomaly.search(queries, k), self._scale
-        )
+        x = knowledge(queries, normal, knn(queries, normal, k), anomaly, knn(queries, anomaly, k), self._scale)
         x = ((x - self._input_mean) / self._input_std).to(self.device)
         return fitted(self, self._scorer)(x).float().cpu().reshape(b, h, w)
 
@@ -313,11 +312,11 @@ class DMAD(TrainedDetector, BackboneDetector):
     # -- state -----------------------------------------------------------------------------------
     @property
     def normal_bank(self) -> torch.Tensor:
-        return fitted(self, self._normal).bank
+        return fitted(self, self._normal)
 
     @property
     def anomaly_bank(self) -> torch.Tensor:
-        return fitted(self, self._anomaly).bank
+        return fitted(self, self._anomaly)
 
     def _state(self) -> dict[str, torch.Tensor]:
         return {
@@ -343,8 +342,7 @@ class DMAD(TrainedDetector, BackboneDetector):
         scorer.load_state_dict(under_prefix(tensors, "scorer"))
         scorer.eval()
         self._scorer = scorer.to(self.device)
-        self._normal = NearestNeighbors(normal, exact=True)
-        self._anomaly = NearestNeighbors(anomaly, exact=True)
+        self._normal, self._anomaly = normal.float().contiguous(), anomaly.float().contiguous()
         self._n_labelled_bank = int(tensors["anomaly_bank_labelled"][0])
         self._scale = float(tensors["distance_scale"][0])
         self._input_mean, self._input_std = tensors["input_mean"].float(), tensors["input_std"].float()
