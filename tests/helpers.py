@@ -23,6 +23,18 @@ DMAD_SMALL = {
     "patch_batch": 256,
 }
 
+#: The smallest DMAD that fits at all (the contract and export tests: about a second).
+DMAD_TINY = {
+    "image_size": 64,
+    "synthetic_images": 8,
+    "anomaly_bank_size": 128,
+    "defect_views": 2,
+    "croppaste_images": 2,
+    "max_train_patches": 500,
+    "epochs": 1,
+    "patch_batch": 256,
+}
+
 
 @contextmanager
 def raises_naming(path: Path, *fragments: str) -> Iterator[None]:

@@ -22,22 +22,14 @@ from defectscope.geometry import Geometry
 from defectscope.methods import METHODS, Detector
 from defectscope.methods.params import ParamSpec
 from defectscope.methods.trained import TrainedDetector
+from helpers import DMAD_TINY
 
 DIFFUSION = {"image_size": 32, "unet": "tiny", "epochs": 1, "steps": 2, "batch_size": 4, "time_budget": None}
 TINY: dict[str, dict[str, Any]] = {
     "patchcore": {"image_size": 64},
     "padim": {"image_size": 64},
     "spade": {"image_size": 64},
-    "dmad": {
-        "image_size": 64,
-        "synthetic_images": 8,
-        "anomaly_bank_size": 128,
-        "defect_views": 2,
-        "croppaste_images": 2,
-        "max_train_patches": 500,
-        "epochs": 1,
-        "patch_batch": 256,
-    },
+    "dmad": DMAD_TINY,
     "reverse_distillation": {"image_size": 64, "epochs": 1, "batch_size": 8, "embed_dim": 32},
     "students": {"image_size": 64, "epochs": 1, "batch_size": 8, "n_students": 2, "width": 16},
     "mkd": {"image_size": 64, "epochs": 1, "batch_size": 8, "width": 16},

@@ -26,6 +26,7 @@ from defectscope.export.graph import to_onnx  # noqa: E402
 from defectscope.methods import METHODS, Detector  # noqa: E402
 from defectscope.nn.exact_knn import knn  # noqa: E402
 from defectscope.nn.knn import NearestNeighbors  # noqa: E402
+from helpers import DMAD_TINY  # noqa: E402
 
 DIFFUSION = {"image_size": 32, "unet": "tiny", "epochs": 1, "steps": 2, "batch_size": 4}
 TINY: dict[str, dict[str, Any]] = {
@@ -34,16 +35,7 @@ TINY: dict[str, dict[str, Any]] = {
     "mkd": {"image_size": 64, "epochs": 1, "batch_size": 8, "width": 16},
     "reverse_distillation": {"image_size": 64, "epochs": 1, "batch_size": 8, "embed_dim": 32},
     "draem": {"image_size": 64, "epochs": 3, "batch_size": 8, "base_channels": 4, "disc_channels": 4},
-    "dmad": {
-        "image_size": 64,
-        "synthetic_images": 8,
-        "anomaly_bank_size": 128,
-        "defect_views": 2,
-        "croppaste_images": 2,
-        "max_train_patches": 500,
-        "epochs": 1,
-        "patch_batch": 256,
-    },
+    "dmad": DMAD_TINY,
     "ddad": DIFFUSION | {"da_epochs": 1, "da_images": 4},
     "glad": DIFFUSION,
 }
