@@ -8,12 +8,7 @@ Fit a detector on images of good parts, then score, localise and judge new image
     det.save("runs/bottle"); det = load("runs/bottle")
 """
 
-import os
-
-# Idle OpenMP threads sleep instead of spinning. Read once when torch loads, so it is set before
-# the first torch import; spinning threads of small training steps cost many times the CPU time of
-# the work itself whenever the CPU is shared with other jobs. Set OMP_WAIT_POLICY to override.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from . import _process  # noqa: F401  (first: sets the threading and allocator policy before torch loads)
 
 __version__ = "0.1.0"
 

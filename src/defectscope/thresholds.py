@@ -28,7 +28,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from scipy.stats import beta
+
+
+def _beta() -> Any:
+    """scipy's beta distribution, imported on first use (scipy.stats takes about a second to import)."""
+    from scipy.stats import beta
+
+    return beta
+
 
 CONFORMAL = "conformal"
 MEAN_SIGMA = "mean_sigma"
@@ -54,7 +61,7 @@ def conformal_rank(n: int, false_alarm_rate: float) -> int:
 def confident_rank(n: int, false_alarm_rate: float, confidence: float) -> int:
     """Smallest k with P(Beta(n + 1 - k, k) > A) <= 1 - C; above n when n scores cannot give that."""
     for k in range(min(conformal_rank(n, false_alarm_rate), n + 1), n + 1):
-        if float(beta.sf(false_alarm_rate, n + 1 - k, k)) <= 1.0 - confidence + _EPS:
+        if float(_beta().sf(false_alarm_rate, n + 1 - k, k)) <= 1.0 - confidence + _EPS:
             return k
     return n + 1
 
@@ -89,8 +96,8 @@ def rate_interval(count: int, n: int, confidence: float = CONFIDENCE) -> tuple[f
     if n <= 0:
         return (0.0, 1.0)
     tail = (1.0 - confidence) / 2
-    low = 0.0 if count == 0 else float(beta.ppf(tail, count, n - count + 1))
-    high = 1.0 if count == n else float(beta.ppf(1 - tail, count + 1, n - count))
+    low = 0.0 if count == 0 else float(_beta().ppf(tail, count, n - count + 1))
+    high = 1.0 if count == n else float(_beta().ppf(1 - tail, count + 1, n - count))
     return (low, high)
 
 
@@ -164,7 +171,7 @@ class Calibration:
         if k == 0:
             return (1.0, 1.0)
         tail = (1.0 - CONFIDENCE) / 2
-        return (float(beta.ppf(tail, n + 1 - k, k)), float(beta.ppf(1 - tail, n + 1 - k, k)))
+        return (float(_beta().ppf(tail, n + 1 - k, k)), float(_beta().ppf(1 - tail, n + 1 - k, k)))
 
     @property
     def held_out_false_alarms(self) -> RateEstimate | None:
