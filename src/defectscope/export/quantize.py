@@ -11,6 +11,7 @@ deepest alone change image / pixel AUROC by less than 0.001.
 
 from __future__ import annotations
 
+import logging
 import re
 import tempfile
 from collections.abc import Iterator
@@ -64,16 +65,20 @@ def quantize_backbone(model: onnx.ModelProto, detector: Detector, samples: list[
         source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save(model, source)
         torch_threads = torch.get_num_threads()
-        quantize_static(
-            str(source),
-            str(target),
-            Reader(),
-            quant_format=QuantFormat.QOperator,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            nodes_to_quantize=convs,
-            op_types_to_quantize=["Conv"],
-        )
+        logging.disable(logging.WARNING)  # onnxruntime's advice to pre-process (it is about its own examples)
+        try:
+            quantize_static(
+                str(source),
+                str(target),
+                Reader(),
+                quant_format=QuantFormat.QOperator,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                nodes_to_quantize=convs,
+                op_types_to_quantize=["Conv"],
+            )
+        finally:
+            logging.disable(logging.NOTSET)
         torch.set_num_threads(torch_threads)
         return onnx.load(target)
