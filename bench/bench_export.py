@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import subprocess
@@ -37,7 +36,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-from common import environment
+from common import add_datasets_root, environment, finite_or_none, saved_ok, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -55,17 +54,6 @@ ENGINES: dict[str, tuple[str, bool]] = {
 }
 MODES = ("model", "e2e")
 BATCH = 16
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=False))
-    tmp.replace(path)
-
-
-def finite_or_none(x: Any) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and math.isfinite(float(x)) else None
 
 
 # -- one measurement, in its own process -----------------------------------------------------------------
@@ -315,9 +303,7 @@ def table(summary_rows: list[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--datasets-root", default=os.environ.get("DEFECTSCOPE_DATASETS", str(REPO.parent / "shared" / "datasets"))
-    )
+    add_datasets_root(parser)
     parser.add_argument("--work", default="/tmp/exportbench", help="folder for fitted runs (not the repository)")
     parser.add_argument("--run", action="append", default=[], metavar="METHOD=RUN", help="use this fitted run")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -347,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 for mode in args.modes:
                     name = f"{method}-{engine}-{mode}"
                     path = runs_dir / f"{name}.json"
-                    if path.exists() and not args.force and json.loads(path.read_text()).get("status") == "ok":
+                    if saved_ok(path, args.force):
                         print(f"{name}: saved, skipped", flush=True)
                         continue
                     spec = {"method": method, "engine": engine, "mode": mode, "run": str(run), "data": str(data)}

@@ -34,7 +34,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-from common import environment
+from common import add_datasets_root, environment, f3, finite_or_none, saved_ok, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -97,17 +97,6 @@ CONFIGS = [
 ]
 CAMERA_RUN = "mtd-padim-tiles"
 CAMERA_SIZE = (8000, 2000)
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=False))
-    tmp.replace(path)
-
-
-def finite_or_none(x: Any) -> float | None:
-    return float(x) if x is not None and math.isfinite(float(x)) else None
 
 
 # -- one timed command ---------------------------------------------------------------------------------
@@ -376,8 +365,6 @@ def run_camera(datasets_root: Path, work: Path, timeout: float) -> dict[str, Any
 
 
 # -- the table --------------------------------------------------------------------------------------
-def f3(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3f}"
 
 
 def gb(x: int | None) -> str:
@@ -470,9 +457,7 @@ def load(names: Sequence[str]) -> list[dict[str, Any]]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--datasets-root", default=os.environ.get("DEFECTSCOPE_DATASETS", str(REPO.parent / "shared" / "datasets"))
-    )
+    add_datasets_root(parser)
     parser.add_argument("--work", default="/tmp/geobench", help="folder for the run folders (not the repository)")
     names = [c["name"] for c in CONFIGS]
     parser.add_argument("--only", nargs="+", choices=names, help="these configurations only (in the usual order)")
@@ -486,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.analyse_only:
         for cfg in chosen:
             path = RUNS_DIR / f"{cfg['name']}.json"
-            if path.exists() and not args.force and json.loads(path.read_text()).get("status") == "ok":
+            if saved_ok(path, args.force):
                 print(f"{cfg['name']}: saved, skipped", flush=True)
                 continue
             print(f"{datetime.now():%H:%M:%S} {cfg['name']}: running", flush=True)

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
 
+from common import add_datasets_root
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).resolve()
 DATASETS = {"mvtec_bottle": "mvtec_bottle/bottle", "mtd": "mtd/magnetic_tile"}
@@ -67,9 +69,7 @@ def run_one(method: str, data_dir: Path, backbone: str, image_size: int | None, 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--datasets-root", default=os.environ.get("DEFECTSCOPE_DATASETS", str(REPO.parent / "shared" / "datasets"))
-    )
+    add_datasets_root(parser)
     from defectscope.methods import METHODS
 
     parser.add_argument(

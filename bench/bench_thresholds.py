@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-from common import environment
+from common import add_datasets_root, environment, finite_or_none, saved_ok, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).resolve()
@@ -66,17 +65,6 @@ TRANSIENT = ("ImportError", "ModuleNotFoundError", "SyntaxError", "IndentationEr
 
 def run_path(method: str, dataset: str) -> Path:
     return RUNS_DIR / f"{method}__{dataset}.json"
-
-
-def finite_or_none(x: float) -> float | None:
-    return float(x) if math.isfinite(x) else None
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=False))
-    tmp.replace(path)
 
 
 # -- one run (own process) ----------------------------------------------------------------------
@@ -380,9 +368,7 @@ def analyse(methods: Sequence[str], datasets: Sequence[str]) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--datasets-root", default=os.environ.get("DEFECTSCOPE_DATASETS", str(REPO.parent / "shared" / "datasets"))
-    )
+    add_datasets_root(parser)
     parser.add_argument("--methods", nargs="+", default=METHOD_ORDER, choices=METHOD_ORDER)
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--force", action="store_true", help="refit runs already saved")
@@ -399,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for method in args.methods:
             for dataset in args.datasets:
                 path = run_path(method, dataset)
-                if path.exists() and not args.force and json.loads(path.read_text()).get("status") == "ok":
+                if saved_ok(path, args.force):
                     print(f"{method} {dataset}: saved, skipped", flush=True)
                     continue
                 print(f"{datetime.now():%H:%M:%S} {method} {dataset}: running", flush=True)

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
 
+from common import add_datasets_root
+
 REPO = Path(__file__).resolve().parents[1]
 CATEGORIES = {"bottle": "mvtec_bottle/bottle", "magnetic_tile": "mtd/magnetic_tile"}
 
@@ -48,9 +50,7 @@ def run_one(method: str, dirs: list[Path], k: int, exclude_k: int, params: dict)
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--datasets-root", default=os.environ.get("DEFECTSCOPE_DATASETS", str(REPO.parent / "shared" / "datasets"))
-    )
+    add_datasets_root(parser)
     parser.add_argument("--method", default="dmad")
     parser.add_argument(
         "--ks",

@@ -28,3 +28,39 @@ def environment() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON through a temporary file, so an interrupted run never leaves half a file."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, allow_nan=False))
+    tmp.replace(path)
+
+
+def finite_or_none(x: Any) -> float | None:
+    """``x`` as a float, or None when it is missing, not a number or not finite (JSON has no NaN)."""
+    import math
+
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(float(x)) else None
+
+
+def saved_ok(path: Path, force: bool) -> bool:
+    """Whether a finished measurement is saved at ``path`` and may be skipped (not with ``--force``)."""
+    import json
+
+    return path.exists() and not force and json.loads(path.read_text()).get("status") == "ok"
+
+
+def add_datasets_root(parser: Any) -> None:
+    """``--datasets-root``: the shared datasets folder (default: $DEFECTSCOPE_DATASETS, else ../shared/datasets)."""
+    repo = Path(__file__).resolve().parents[1]
+    default = os.environ.get("DEFECTSCOPE_DATASETS", str(repo.parent / "shared" / "datasets"))
+    parser.add_argument("--datasets-root", default=default, help="folder of the shared datasets (default: %(default)s)")
+
+
+def f3(x: float | None) -> str:
+    """Three decimals, or a dash for a missing figure."""
+    return "-" if x is None else f"{x:.3f}"

@@ -28,6 +28,7 @@ DIFFUSION = {"image_size": 32, "unet": "tiny", "epochs": 1, "steps": 2, "batch_s
 TINY: dict[str, dict[str, Any]] = {
     "patchcore": {"image_size": 64},
     "padim": {"image_size": 64},
+    "fyd": {"image_size": 64, "epochs": 1, "fine_epochs": 1, "batch_size": 8, "proj_dim": 16},
     "spade": {"image_size": 64},
     "dmad": DMAD_TINY,
     "reverse_distillation": {"image_size": 64, "epochs": 1, "batch_size": 8, "embed_dim": 32},

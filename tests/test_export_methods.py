@@ -31,6 +31,7 @@ from helpers import DMAD_TINY  # noqa: E402
 DIFFUSION = {"image_size": 32, "unet": "tiny", "epochs": 1, "steps": 2, "batch_size": 4}
 TINY: dict[str, dict[str, Any]] = {
     "spade": {"image_size": 64, "num_image_neighbors": 3},
+    "fyd": {"image_size": 64, "epochs": 1, "fine_epochs": 1, "batch_size": 8, "proj_dim": 16},
     "students": {"image_size": 64, "epochs": 1, "batch_size": 8, "n_students": 2, "width": 16},
     "mkd": {"image_size": 64, "epochs": 1, "batch_size": 8, "width": 16},
     "reverse_distillation": {"image_size": 64, "epochs": 1, "batch_size": 8, "embed_dim": 32},

@@ -4,6 +4,7 @@ from .base import Detector, Prediction, load
 from .ddad import DDAD
 from .dmad import DMAD
 from .draem import DRAEM
+from .fyd import FYD
 from .glad import GLAD
 from .mkd import MKD
 from .padim import PaDiM
@@ -16,6 +17,7 @@ from .students import UninformedStudents
 METHODS: dict[str, type[Detector]] = {
     PatchCore.name: PatchCore,
     PaDiM.name: PaDiM,
+    FYD.name: FYD,
     SPADE.name: SPADE,
     DMAD.name: DMAD,
     ReverseDistillation.name: ReverseDistillation,
@@ -30,6 +32,7 @@ __all__ = [
     "DDAD",
     "DMAD",
     "DRAEM",
+    "FYD",
     "GLAD",
     "METHODS",
     "MKD",

@@ -231,6 +231,10 @@ class Detector(ABC, metaclass=_CheckedParams):
         """Facts about the last ``_fit`` to keep in ``fit_info`` (e.g. training epochs and time)."""
         return {}
 
+    def fit_notes(self) -> list[str]:
+        """Sentences for the user about a choice the last fit made from the data (``fit`` prints them)."""
+        return []
+
     def _extra_config(self) -> dict[str, Any]:
         """Extra JSON facts to store (checked again by :meth:`_check_config` on load)."""
         return {}

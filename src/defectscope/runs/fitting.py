@@ -110,6 +110,8 @@ def fit_run(
     shape = (geometry or detector.geometry).describe(detector.image_size)
     log(f"fitting {detector!r}\n  on {len(samples)} good images from {where}; input: {shape}")
     detector.fit(samples, defects=defects, checkpoint_dir=folder / "checkpoint", resume=resume, geometry=geometry)
+    for note in detector.fit_notes():
+        log(note)
     if detector.calibration is not None:
         for note in detector.calibration.notes:
             log(f"note: {note}")

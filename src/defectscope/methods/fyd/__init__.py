@@ -1,0 +1,5 @@
+"""FYD: coarse-to-fine alignment (spatial transformers, non-contrastive fine stage) before per-position Gaussians."""
+
+from .detector import FYD
+
+__all__ = ["FYD"]
