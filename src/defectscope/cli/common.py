@@ -69,18 +69,47 @@ def add_device(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_engine(parser: argparse.ArgumentParser) -> None:
-    """--engine and what goes with it (:class:`~defectscope.engines.EngineChoice`)."""
+def add_engine(parser: argparse.ArgumentParser, distributed: bool = False) -> None:
+    """--engine and what goes with it (:class:`~defectscope.engines.EngineChoice`); with ``distributed``
+    also ``--engine ray`` and its options."""
     from ..engines import ENGINES
 
     group = parser.add_argument_group("engine")
     group.add_argument(
         "--engine",
-        choices=ENGINES,
+        choices=(*ENGINES, "ray") if distributed else ENGINES,
         default="torch",
         help="what computes the predictions: torch (the model itself, default), onnxruntime or openvino (its "
-        "exported ONNX graph: RUN/model.onnx if `defectscope export` wrote it, else exported in memory)",
+        "exported ONNX graph: RUN/model.onnx if `defectscope export` wrote it, else exported in memory)"
+        + (
+            "; ray: a Ray cluster, one model per worker, results appended to --out as they arrive "
+            "(a rerun skips the images already there)"
+            if distributed
+            else ""
+        ),
     )
+    if distributed:
+        group.add_argument(
+            "--address",
+            metavar="ADDR",
+            help="with --engine ray: a running cluster (auto, ray://HOST:PORT); default: a local Ray runtime",
+        )
+        group.add_argument(
+            "--workers", type=positive_int, default=2, metavar="N", help="with --engine ray: model workers (default: 2)"
+        )
+        group.add_argument(
+            "--threads-per-worker",
+            type=positive_int,
+            default=1,
+            metavar="N",
+            help="with --engine ray: CPUs (torch threads) per worker (default: 1)",
+        )
+        group.add_argument(
+            "--worker-engine",
+            choices=ENGINES,
+            default="torch",
+            help="with --engine ray: what computes the predictions in each worker (default: torch)",
+        )
     group.add_argument(
         "--int8", action="store_true", help="use the int8 graph (backbone quantised; RUN/model.int8.onnx)"
     )
@@ -97,7 +126,8 @@ def engine_choice(args: argparse.Namespace) -> EngineChoice:
     """The engine the command line asked for."""
     from ..engines import EngineChoice
 
-    return EngineChoice(args.engine, int8=args.int8, whole_graph=args.whole_graph, exported=args.exported)
+    name = args.worker_engine if args.engine == "ray" else args.engine
+    return EngineChoice(name, int8=args.int8, whole_graph=args.whole_graph, exported=args.exported)
 
 
 def add_overwrite(parser: argparse.ArgumentParser, what: str) -> None:

@@ -75,6 +75,11 @@ def run(args: argparse.Namespace) -> int:
     if rule is not None:
         params["threshold_rule"] = rule
     geometry = geometry_from_args(args, params)
+    shards = None
+    if args.engine == "ray":
+        from ..distributed import RayShards
+
+        shards = RayShards(args.workers, args.threads_per_worker, args.address)
     result = fit_run(
         args.data,
         args.out,
@@ -88,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         resume=args.resume,
         overwrite=args.overwrite,
+        shards=shards,
         log=info,
     )
     if result.threshold is None:
@@ -165,5 +171,20 @@ def add_parser(sub: Any) -> None:
     add_geometry_args(fit)
     add_overwrite(fit, "the model")
     add_device(fit)
+    engine = fit.add_argument_group("engine")
+    engine.add_argument(
+        "--engine",
+        choices=("torch", "ray"),
+        default="torch",
+        help="torch: one process (default); ray: on Ray workers - padim merges their per-position sums "
+        "exactly, patchcore builds a composable coreset (each worker's coreset, then the coreset of their union)",
+    )
+    engine.add_argument(
+        "--address", metavar="ADDR", help="with --engine ray: a running cluster (auto, ray://HOST:PORT)"
+    )
+    engine.add_argument("--workers", type=positive_int, default=2, metavar="N", help="with --engine ray (default: 2)")
+    engine.add_argument(
+        "--threads-per-worker", type=positive_int, default=1, metavar="N", help="with --engine ray (default: 1)"
+    )
     fit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any method parameter (see below)")
     fit.set_defaults(func=run)

@@ -29,7 +29,33 @@ def _check_out(path: str, overwrite: bool) -> Path:
     return target
 
 
+def _run_ray(args: argparse.Namespace) -> int:
+    from ..distributed import predict_ray
+
+    if not args.out:
+        raise OutputError("--engine ray writes its results to a file: pass --out FILE.jsonl or FILE.csv")
+    if args.heatmaps:
+        raise OutputError("--engine ray writes records only; leave out --heatmaps (or use another engine)")
+    result = predict_ray(
+        args.run,
+        args.paths,
+        args.out,
+        address=args.address,
+        workers=args.workers,
+        threads_per_worker=args.threads_per_worker,
+        batch_size=args.batch_size,
+        device=args.device,
+        engine=engine_choice(args),
+        overwrite=args.overwrite,
+        log=info,
+    )
+    info(f"wrote {len(result.scored)} predictions to {result.out} ({result.skipped} already there)")
+    return exit_status(result.n_errors, len(result.scored))
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.engine == "ray":
+        return _run_ray(args)
     out = _check_out(args.out, args.overwrite) if args.out else None
     result = predict_run(
         args.run,
@@ -78,5 +104,5 @@ def add_parser(sub: Any) -> None:
     predict.add_argument("--batch-size", type=positive_int, metavar="N", help="images per batch (default: the run's)")
     add_overwrite(predict, "the results file or heat maps")
     add_device(predict)
-    add_engine(predict)
+    add_engine(predict, distributed=True)
     predict.set_defaults(func=run)

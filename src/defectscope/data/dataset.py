@@ -34,6 +34,19 @@ class ItemSource(Protocol):
     def __getitem__(self, index: int) -> dict[str, Any]: ...
 
 
+class Picked:
+    """The items of ``source`` at ``indices`` (an item source itself)."""
+
+    def __init__(self, source: ItemSource, indices: list[int]) -> None:
+        self.source, self.indices = source, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.source[self.indices[index]]
+
+
 class Batch(TypedDict):
     """A batch as :func:`iterate_batches` yields it from an :class:`ImageDataset` (B images of H x W).
 

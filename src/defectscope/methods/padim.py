@@ -11,9 +11,12 @@ maximum of the anomaly map.
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 
 from ..data import ImageDataset, iterate_batches
+from ..data.dataset import ItemSource
 from ..errors import DefectscopeError
 from ..nn.embedding import patch_embedding
 from ..nn.gaussian import StreamingGaussian, mahalanobis
@@ -22,6 +25,15 @@ from ..thresholds import DEFAULT_FALSE_ALARM_RATE, DEFAULT_RULE, DEFAULT_TARGET_
 from .backbone_detector import BackboneDetector
 from .base import Prediction, fitted
 from .params import base_params
+from .sharded import Shards, shard_sources
+
+
+def padim_part(args: tuple[dict[str, Any], ItemSource]) -> dict[str, torch.Tensor]:
+    """On a worker: a PaDiM of these parameters accumulates the embeddings of its part of the images."""
+    params, source = args
+    part = PaDiM(**params)
+    gaussian = part._accumulate(source)
+    return gaussian.state() | {"channels": part.channels}
 
 
 class PaDiM(BackboneDetector):
@@ -30,6 +42,9 @@ class PaDiM(BackboneDetector):
     name = "padim"
     nonnegative_scores = True
     export_unsupported = None
+    #: ``fit --engine ray`` fits this class on several workers (read from the class itself, so a subclass
+    #: that fits differently does not inherit it).
+    distributed_fit: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -56,6 +71,8 @@ class PaDiM(BackboneDetector):
         if eps <= 0:
             raise DefectscopeError(f"eps must be positive, got {eps}")
         self.n_channels = n_channels
+        #: Set by ``fit --engine ray``: the embeddings are accumulated on these workers and merged exactly.
+        self.shards: Shards | None = None
         self.neighbourhood = neighbourhood
         self.eps = eps
         self.blur_sigma = blur_sigma
@@ -75,15 +92,27 @@ class PaDiM(BackboneDetector):
         generator = torch.Generator().manual_seed(self.seed)
         return torch.randperm(total, generator=generator)[: self.n_channels].sort().values
 
-    def _fit(self, dataset: ImageDataset) -> None:
+    def _accumulate(self, source: ItemSource) -> StreamingGaussian:
+        """The embeddings of ``source``'s images, accumulated (sets the channel subset)."""
         self._channels = None
         gaussian = StreamingGaussian()
-        for batch in iterate_batches(dataset, self.batch_size, desc="fitting Gaussians"):
+        for batch in iterate_batches(source, self.batch_size, desc="fitting Gaussians"):
             emb = self.embed(batch["image"])
             if self._channels is None:
                 self._channels = self._select_channels(emb.shape[1])
                 emb = emb[:, self._channels]
             gaussian.update(emb.flatten(2).transpose(1, 2))
+        return gaussian
+
+    def _fit(self, dataset: ImageDataset) -> None:
+        if self.shards is not None:
+            # one part per worker, each accumulated where it runs, merged exactly here
+            parts = shard_sources(dataset, self.shards)
+            states = self.shards.map(padim_part, [(self.get_params(), part) for part in parts])
+            gaussian = StreamingGaussian.merged(states)
+            self._channels = states[0]["channels"]
+        else:
+            gaussian = self._accumulate(dataset)
         if gaussian.count < 2:
             raise DefectscopeError(f"PaDiM needs at least 2 fitting images, got {gaussian.count}")
         self._mean = gaussian.mean().float()

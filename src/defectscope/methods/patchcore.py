@@ -14,10 +14,12 @@ of a fixed dimension, the paper's fixed-dimension projection, which weighs the f
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 
 from ..data import ImageDataset, iterate_batches
+from ..data.dataset import ItemSource
 from ..errors import DefectscopeError
 from ..nn.coreset import greedy_coreset
 from ..nn.embedding import patch_embedding
@@ -27,6 +29,16 @@ from ..thresholds import DEFAULT_FALSE_ALARM_RATE, DEFAULT_RULE, DEFAULT_TARGET_
 from .backbone_detector import BackboneDetector
 from .base import Prediction, fitted
 from .params import base_params, check_at_least
+from .sharded import Shards, shard_sources
+
+
+def patchcore_part(args: tuple[dict[str, Any], ItemSource, float]) -> tuple[int, torch.Tensor]:
+    """On a worker: the number of patches of its images and their greedy coreset of ``share`` of them
+    (the driver asks for as many as the whole training set's coreset will hold)."""
+    params, source, share = args
+    part = PatchCore(**params)
+    patches = part._patches(source)
+    return patches.shape[0], part._coreset(patches, max(1, round(patches.shape[0] * share)))
 
 
 class PatchCore(BackboneDetector):
@@ -36,6 +48,8 @@ class PatchCore(BackboneDetector):
     nonnegative_scores = True
     export_unsupported = None
     export_handover = "embeddings"
+    #: ``fit --engine ray``: embeddings and a first coreset per worker, then the coreset of their union.
+    distributed_fit: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -69,27 +83,50 @@ class PatchCore(BackboneDetector):
         self.neighbourhood = neighbourhood
         self.coreset_ratio = coreset_ratio
         self.projection_dim = projection_dim
+        self._shard_info: dict[str, Any] = {}
         self.exact_search = exact_search
         self.num_neighbors = num_neighbors
         self.blur_sigma = blur_sigma
         self._index: NearestNeighbors | None = None
+        #: Set by ``fit --engine ray``: a composable coreset over these workers (at most 4x the optimal radius).
+        self.shards: Shards | None = None
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Patch embeddings (B, D, h, w) of images (B, 3, H, W)."""
         return patch_embedding(self.features(images), self.neighbourhood, self.embed_dim)
 
-    def _fit(self, dataset: ImageDataset) -> None:
+    def _patches(self, source: ItemSource) -> torch.Tensor:
+        """(N, D) patch embeddings of every image of ``source``."""
         chunks = []
-        for batch in iterate_batches(dataset, self.batch_size, desc="extracting features"):
+        for batch in iterate_batches(source, self.batch_size, desc="extracting features"):
             emb = self.embed(batch["image"])
             chunks.append(emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]))
-        bank = torch.cat(chunks)
-        del chunks
-        n_select = max(1, round(bank.shape[0] * self.coreset_ratio))
-        if n_select < bank.shape[0]:
-            keep = greedy_coreset(bank, n_select, projection_dim=self.projection_dim, seed=self.seed, desc="coreset")
-            bank = bank[keep]
+        return torch.cat(chunks)
+
+    def _coreset(self, bank: torch.Tensor, n_select: int) -> torch.Tensor:
+        if n_select >= bank.shape[0]:
+            return bank
+        keep = greedy_coreset(bank, n_select, projection_dim=self.projection_dim, seed=self.seed, desc="coreset")
+        return bank[keep]
+
+    def _fit(self, dataset: ImageDataset) -> None:
+        self._shard_info = {}
+        if self.shards is not None:
+            # composable coreset: each worker's greedy coreset of the global size, then greedy on their union
+            parts = shard_sources(dataset, self.shards)
+            share = min(1.0, self.coreset_ratio * len(parts))
+            results = self.shards.map(patchcore_part, [(self.get_params(), part, share) for part in parts])
+            n_patches = sum(n for n, _ in results)
+            union = torch.cat([coreset for _, coreset in results])
+            bank = self._coreset(union, max(1, round(n_patches * self.coreset_ratio)))
+            self._shard_info = {"workers": len(parts), "patches": n_patches, "union": int(union.shape[0])}
+        else:
+            bank = self._patches(dataset)
+            bank = self._coreset(bank, max(1, round(bank.shape[0] * self.coreset_ratio)))
         self._index = NearestNeighbors(bank.contiguous(), exact=self.exact_search)
+
+    def _fit_details(self) -> dict[str, Any]:
+        return super()._fit_details() | ({"distributed_coreset": self._shard_info} if self._shard_info else {})
 
     def _predict(self, images: torch.Tensor) -> Prediction:
         return self._predict_from_handover(self.embed(images))

@@ -129,3 +129,16 @@ class _CoverState:
         self.min_dist[new] = 0.0
         self.centers[self.count : self.count + new.shape[0]] = new
         self.count += new.shape[0]
+
+
+def coverage(points: torch.Tensor, coreset: torch.Tensor, chunk: int = 4096) -> tuple[float, float]:
+    """Largest and mean Euclidean distance from each of ``points`` (N, D) to its nearest row of ``coreset``
+    (M, D): the k-center radius the coreset achieves on those points, and its typical value."""
+    norms = (coreset * coreset).sum(1)
+    largest, total = 0.0, 0.0
+    for start in range(0, points.shape[0], chunk):
+        x = points[start : start + chunk]
+        sq = torch.addmm(norms[None, :], x, coreset.T, alpha=-2.0).amin(1) + (x * x).sum(1)
+        d = sq.clamp_min(0.0).sqrt()
+        largest, total = max(largest, float(d.max())), total + float(d.sum())
+    return largest, total / points.shape[0]

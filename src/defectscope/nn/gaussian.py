@@ -35,6 +35,42 @@ class StreamingGaussian:
         self._outer.baddbmm_(x.transpose(1, 2), x)
         self.count += x.shape[1]
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """The accumulated sums, to merge with others (:meth:`merged`)."""
+        if self._shift is None:
+            return {"count": torch.tensor(0)}
+        assert self._sum is not None and self._outer is not None  # set with _shift
+        return {"count": torch.tensor(self.count), "shift": self._shift, "sum": self._sum, "outer": self._outer}
+
+    @classmethod
+    def merged(cls, states: list[dict[str, torch.Tensor]]) -> StreamingGaussian:
+        """One accumulator holding the samples of all ``states`` (from :meth:`state`): the same sums, up to
+        float64 rounding, as one accumulator fed every sample. Each part's sums are moved to the first
+        part's shift ``a``: with ``delta = b - a``, ``sum(x - a) = sum(x - b) + n delta`` and
+        ``sum((x - a)(x - a)^T) = outer_b + delta sum_b^T + sum_b delta^T + n delta delta^T``."""
+        out = cls()
+        for state in states:
+            n = int(state["count"])
+            if n == 0:
+                continue
+            shift, total, outer = (state[k].to(torch.float64) for k in ("shift", "sum", "outer"))
+            if out._shift is None:
+                out._shift, out._sum, out._outer, out.count = shift.clone(), total.clone(), outer.clone(), n
+                continue
+            assert out._sum is not None and out._outer is not None  # set with _shift
+            if shift.shape != out._shift.shape:
+                raise ValueError(f"parts of shape {tuple(shift.shape)} and {tuple(out._shift.shape)}")
+            delta = shift - out._shift
+            out._sum += total + n * delta
+            out._outer += (
+                outer
+                + delta[:, :, None] * total[:, None, :]
+                + total[:, :, None] * delta[:, None, :]
+                + n * delta[:, :, None] * delta[:, None, :]
+            )
+            out.count += n
+        return out
+
     def mean(self) -> torch.Tensor:
         """(P, d) sample mean."""
         if self._shift is None:

@@ -15,7 +15,7 @@ from .calibration import CalibrateResult, calibrate_run
 from .evaluation import CategoryResult, EvalResult, evaluate_run
 from .fitting import FitResult, build_detector, fit_run
 from .info import RunInfo, run_info
-from .prediction import PredictResult, predict_run, prediction_samples
+from .prediction import PredictResult, predict_run, prediction_record, prediction_samples
 from .synthesis import SynthResult, synth_run
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "format_records",
     "judge",
     "predict_run",
+    "prediction_record",
     "prediction_samples",
     "run_info",
     "synth_run",

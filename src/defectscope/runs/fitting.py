@@ -62,6 +62,7 @@ def fit_run(
     resume: bool = False,
     overwrite: bool = False,
     geometry: Geometry | None = None,
+    shards: Any = None,
     log: Log = quiet,
 ) -> FitResult:
     """Fit ``method`` on the good images of ``data`` and save the model to the run folder ``out``.
@@ -74,9 +75,17 @@ def fit_run(
     that already holds a fitted model is replaced only with ``overwrite``. Everything is checked
     before the fitting starts; ``log`` receives progress sentences. ``geometry`` (default: the
     square resize) says how images become the method's inputs and is saved with the model.
+    ``shards`` (:class:`~defectscope.distributed.RayShards`) spreads the fit over workers, for the
+    methods that support it (``distributed_fit``).
     """
     folders = [data] if isinstance(data, (str, os.PathLike)) else list(data)
     detector = build_detector(method, params).to(device)
+    if shards is not None:
+        if not vars(type(detector)).get("distributed_fit", False):
+            raise DefectscopeError(
+                f"--engine ray: {method} is fitted in one process; `fit --engine ray` fits padim and patchcore"
+            )
+        detector.shards = shards  # type: ignore[attr-defined]
     if resume and not isinstance(detector, TrainedDetector):
         raise DefectscopeError(f"--resume: {method} is not trained in epochs, there is nothing to resume")
     category_dirs = resolve_categories(folders, category, categories)

@@ -12,6 +12,7 @@ from ..data.layouts import image_files, mvtec_samples
 from ..data.sources import resolve_categories
 from ..engines import EngineChoice
 from ..errors import DataError
+from ..geometry.inspect import Inspected
 from ..methods import Detector
 from ..outputs import atomic_save_image, prepare_output_dir
 from ..progress import Log, quiet
@@ -79,6 +80,16 @@ def prediction_samples(paths: Sequence[str | os.PathLike[str]], categories: list
     return samples
 
 
+def prediction_record(detector: Detector, item: Inspected) -> Record:
+    """The record ``predict`` writes for one inspected image."""
+    threshold = detector.calibration.threshold if detector.calibration else None
+    rule = detector.calibration.rule if detector.calibration else None
+    category = item.sample.category or None
+    return Record.of(
+        item.path, category, item.score, float(item.map.max()), threshold, rule=rule, engine=detector.engine_name
+    )
+
+
 def predict_run(
     run: str | os.PathLike[str],
     paths: Sequence[str | os.PathLike[str]],
@@ -103,18 +114,13 @@ def predict_run(
     samples = prediction_samples(paths, info.categories if info else [])
     folder = prepare_output_dir(heatmaps, overwrite=overwrite, what="heat maps") if heatmaps is not None else None
     names = dict(zip((str(s.path) for s in samples), unique_names([str(s.path) for s in samples])))
-    threshold = detector.calibration.threshold if detector.calibration else None
-    rule = detector.calibration.rule if detector.calibration else None
     records: list[Record] = []
     for item in detector.inspect(samples, batch_size=batch_size, native=folder is not None, desc="predicting"):
-        category = item.sample.category or None
-        record = Record.of(
-            item.path, category, item.score, float(item.map.max()), threshold, rule=rule, engine=detector.engine_name
-        )
+        record = prediction_record(detector, item)
         if folder is not None:
             target = folder / f"{names[item.path]}_heatmap.png"
             assert item.image is not None  # inspected with native pixels
-            atomic_save_image(target, heat_overlay(item.image, item.map, threshold))
+            atomic_save_image(target, heat_overlay(item.image, item.map, record.threshold))
             record.overlay = str(target)
         records.append(record)
     return PredictResult(records, folder)

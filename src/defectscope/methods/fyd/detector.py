@@ -54,7 +54,7 @@ from torch import nn
 
 from ...backbones import LAYERS
 from ...data import ImageDataset, iterate_batches
-from ...data.dataset import ItemSource
+from ...data.dataset import Picked
 from ...errors import DefectscopeError
 from ...nn.embedding import patch_embedding
 from ...nn.gaussian import StreamingGaussian, mahalanobis
@@ -94,19 +94,6 @@ class _Rows:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {"path": str(index), "x": self.rows[index].float()}
-
-
-class _Picked:
-    """The items of ``source`` at ``indices``."""
-
-    def __init__(self, source: ItemSource, indices: list[int]) -> None:
-        self.source, self.indices = source, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.source[self.indices[index]]
 
 
 class FYD(TrainedDetector, PaDiM):
@@ -276,7 +263,7 @@ class FYD(TrainedDetector, PaDiM):
         keep = list(range(n))
         if self.max_train_images is not None and n > self.max_train_images:
             keep = sorted(np.random.default_rng(self.seed).choice(n, self.max_train_images, replace=False).tolist())
-        batches = iterate_batches(_Picked(dataset, keep), self.batch_size, desc="loading alignment images")
+        batches = iterate_batches(Picked(dataset, keep), self.batch_size, desc="loading alignment images")
         return torch.cat([(b["image"] * 255).round().to(torch.uint8) for b in batches])
 
     def _map_rows(self, images: torch.Tensor, fn: Any) -> torch.Tensor:
