@@ -99,6 +99,9 @@ def test_bad_targets_are_one_line_errors(
     with pytest.raises(OutputError, match="line 1: not a JSON record"):
         predict_ray(run, [example_root], foreign)
     assert foreign.read_text(encoding="utf-8") == "my own notes\n"  # never overwritten without --overwrite
+    with pytest.raises(DefectscopeError):  # not a run folder: --overwrite removes nothing before that is known
+        predict_ray(tmp_path / "no-run", [example_root], foreign, overwrite=True)
+    assert foreign.read_text(encoding="utf-8") == "my own notes\n"
     assert main(["predict", str(run), str(example_root), "--engine", "ray"]) != 0
     assert "--engine ray writes its results to a file" in capsys.readouterr().err
 

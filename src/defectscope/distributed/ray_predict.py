@@ -91,12 +91,12 @@ def predict_ray(
         raise DefectscopeError(f"--workers and threads per worker must be at least 1, got {workers}")
     require_ray()  # before any work: one line when Ray is missing
     target = Path(out)
-    if overwrite and target.is_file():
-        target.unlink()
-    results = ResultsFile(target)
     run = str(Path(run).resolve())
     info = run_info(load(run))  # fails here, in one line, for a folder that is not a run
     samples = prediction_samples(paths, info.categories if info else [])
+    if overwrite and target.is_file():  # only once the run and the images are known to be there
+        target.unlink()
+    results = ResultsFile(target)
     todo = [s for s in samples if str(s.path) not in results.done]
     skipped = len(samples) - len(todo)
     if skipped:
