@@ -34,7 +34,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-from common import add_datasets_root, environment, f3, finite_or_none, saved_ok, write_json
+from common import add_datasets_root, environment, f3, finish_summary, finite_or_none, saved_ok, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -509,11 +509,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "runs": runs,
         "missing": [n for n in names if n not in {r["name"] for r in runs if r.get("status") == "ok"}],
     }
-    write_json(SUMMARY, summary)
-    print(markdown(summary))
-    if summary["missing"]:
-        print("missing: " + ", ".join(summary["missing"]))
-    print(f"written: {SUMMARY.relative_to(REPO)}")
+    finish_summary(SUMMARY, summary, markdown(summary))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from common import add_datasets_root, environment, f3, finite_or_none, saved_ok, write_json
+from common import add_datasets_root, environment, f3, finish_summary, finite_or_none, saved_ok, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -270,11 +270,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "runs": runs,
         "missing": [n for n in names if n not in {r["name"] for r in runs if r.get("status") == "ok"}],
     }
-    write_json(summary_path, summary)
-    print(markdown(runs))
-    if summary["missing"]:
-        print("missing: " + ", ".join(summary["missing"]))
-    print(f"written: {summary_path}")
+    finish_summary(summary_path, summary, markdown(runs))
 
 
 if __name__ == "__main__":

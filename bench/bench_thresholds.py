@@ -25,7 +25,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-from common import add_datasets_root, environment, finite_or_none, saved_ok, write_json
+from common import add_datasets_root, environment, finish_summary, finite_or_none, saved_ok, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).resolve()
@@ -402,11 +402,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     print(f"{datetime.now():%H:%M:%S} {method} {dataset}: FAILED {r['error']}", flush=True)
 
     summary = analyse(args.methods, args.datasets)
-    write_json(SUMMARY, summary)
-    print(markdown_tables(summary))
-    if summary["missing"]:
-        print("missing runs: " + ", ".join(summary["missing"]))
-    print(f"written: {SUMMARY.relative_to(REPO)}")
+    finish_summary(SUMMARY, summary, markdown_tables(summary))
 
 
 if __name__ == "__main__":

@@ -64,3 +64,12 @@ def add_datasets_root(parser: Any) -> None:
 def f3(x: float | None) -> str:
     """Three decimals, or a dash for a missing figure."""
     return "-" if x is None else f"{x:.3f}"
+
+
+def finish_summary(path: Path, summary: dict[str, Any], table: str) -> None:
+    """Write a bench's summary JSON, print its table, the runs still missing and where it went."""
+    write_json(path, summary)
+    print(table)
+    if summary.get("missing"):
+        print("missing: " + ", ".join(summary["missing"]))
+    print(f"written: {path}")

@@ -1,9 +1,10 @@
 """``fit --engine ray``: the parts of a fit that split over images run on Ray workers.
 
-PaDiM's per-position sums (count, sum and outer products of the embeddings, float64) are
-accumulated on each worker over its share of the fitting images and merged exactly on the driver
-(:meth:`~defectscope.nn.gaussian.StreamingGaussian.merged`): the model equals a single-process fit
-up to float64 rounding. Calibration, saving and everything else stay on the driver.
+:class:`RayShards` is what a method's ``shards`` attribute holds. PaDiM accumulates its
+per-position sums on each worker over its share of the fitting images and merges them exactly
+(:meth:`~defectscope.nn.gaussian.StreamingGaussian.merged`); PatchCore keeps a greedy coreset of
+each worker's patches and runs greedy k-center again on their union. Calibration, saving and
+everything else stay on the driver.
 """
 
 from __future__ import annotations
