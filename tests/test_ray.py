@@ -167,3 +167,30 @@ def test_patchcore_composable_coreset_covers_like_the_single_process_one(
     # greedy k-center bounds the two-round radius by 4x the optimum; on these 30 small images it is within 12 %
     assert ray_max <= 1.2 * one_max and ray_mean <= 1.1 * one_mean, (ray_max, one_max, ray_mean, one_mean)
     assert evaluate(a, mvtec_samples(example_root, "test")).metrics["image_auroc"] >= 0.95
+
+
+def test_test_on_ray_gives_the_local_metrics_records_and_report(
+    cluster: object, run: Path, example_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``test --engine ray``: the images scored on 2 workers, the metrics, predictions.csv and the report's
+    overlays written on the driver as by the local engine."""
+    from defectscope.runs import evaluate_run
+
+    local = evaluate_run(run, example_root, out=tmp_path / "local")
+    args = ["test", str(run), str(example_root), "--engine", "ray", "--workers", "2", "--out", str(tmp_path / "ray")]
+    assert main(args) == 0
+    assert "images/s" in capsys.readouterr().out
+    on_ray = json.loads((tmp_path / "ray" / "metrics.json").read_text())
+    want = json.loads((tmp_path / "local" / "metrics.json").read_text())
+    assert on_ray["n_images"] == want["n_images"] == 17
+    for key, value in want["metrics"].items():
+        assert on_ray["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    ray_rows = (tmp_path / "ray" / "predictions.csv").read_text().splitlines()
+    local_rows = (tmp_path / "local" / "predictions.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in ray_rows] == [r.split(",")[0] for r in local_rows]  # the same order
+    assert sorted(p.name for p in (tmp_path / "ray" / "overlays").iterdir()) == sorted(
+        p.name for p in (tmp_path / "local" / "overlays").iterdir()
+    )
+    assert [r.score for r in local.records] == pytest.approx(
+        [float(r.split(",")[ray_rows[0].split(",").index("score")]) for r in ray_rows[1:]], rel=1e-6
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -21,6 +21,9 @@ from .records import Record
 
 #: Sees each scored image; may return the overlay path written for it.
 ItemCallback = Callable[[Inspected], "str | None"]
+
+#: Scores samples as ``Detector.inspect(samples, masks=True, native=native)`` does, elsewhere (``test --engine ray``).
+Inspector = Callable[[list[Sample], bool], Iterable[Inspected]]
 
 #: Where pixel metrics are computed: at each image's own size, or on the paper protocol's square.
 PixelResolution = Literal["native", "square"]
@@ -72,6 +75,7 @@ def evaluate(
     batch_size: int | None = None,
     on_item: ItemCallback | None = None,
     pixel_resolution: PixelResolution | None = None,
+    inspector: Inspector | None = None,
 ) -> Evaluation:
     """Score every sample, compute image metrics and (where masks exist) pixel metrics.
 
@@ -79,6 +83,7 @@ def evaluate(
     evaluation) they are skipped and a note says so. They compare maps and masks at
     ``pixel_resolution`` (default :func:`default_resolution`). ``on_item`` sees each scored image
     with its native pixels (used to write the report's images without keeping them in memory).
+    ``inspector`` scores the samples instead of the detector itself (it must give what it gives).
     """
     resolution = pixel_resolution or default_resolution(detector.geometry)
     records: list[Record] = []
@@ -88,9 +93,13 @@ def evaluate(
     start = time.perf_counter()
     threshold = detector.calibration.threshold if detector.calibration else None
     rule = detector.calibration.rule if detector.calibration else None
-    for item in detector.inspect(
-        samples, batch_size=batch_size, native=on_item is not None, masks=True, desc="testing"
-    ):
+    native = on_item is not None
+    scored = (
+        inspector(samples, native)
+        if inspector is not None
+        else detector.inspect(samples, batch_size=batch_size, native=native, masks=True, desc="testing")
+    )
+    for item in scored:
         written = on_item(item) if on_item is not None else None
         amap, mask = metric_pair(item, resolution, detector.image_size)
         maps.append(amap)

@@ -69,9 +69,9 @@ def add_device(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_engine(parser: argparse.ArgumentParser, distributed: bool = False) -> None:
+def add_engine(parser: argparse.ArgumentParser, distributed: str = "") -> None:
     """--engine and what goes with it (:class:`~defectscope.engines.EngineChoice`); with ``distributed``
-    also ``--engine ray`` and its options."""
+    (what the command does on Ray, for its help) also ``--engine ray`` and its options."""
     from ..engines import ENGINES
 
     group = parser.add_argument_group("engine")
@@ -81,12 +81,7 @@ def add_engine(parser: argparse.ArgumentParser, distributed: bool = False) -> No
         default="torch",
         help="what computes the predictions: torch (the model itself, default), onnxruntime or openvino (its "
         "exported ONNX graph: RUN/model.onnx if `defectscope export` wrote it, else exported in memory)"
-        + (
-            "; ray: a Ray cluster, one model per worker, results appended to --out as they arrive "
-            "(a rerun skips the images already there)"
-            if distributed
-            else ""
-        ),
+        + (f"; ray: a Ray cluster, one model per worker, {distributed}" if distributed else ""),
     )
     if distributed:
         group.add_argument(

@@ -52,6 +52,11 @@ def print_result(result: EvalResult) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    ray = None
+    if args.engine == "ray":
+        from ..distributed.ray_inspect import RayOptions
+
+        ray = RayOptions(args.address, args.workers, args.threads_per_worker, engine_choice(args))
     result = evaluate_run(
         args.run,
         args.data,
@@ -68,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         overwrite=args.overwrite,
         log=info,
-        engine=engine_choice(args),
+        engine=None if ray else engine_choice(args),
+        ray=ray,
     )
     print_result(result)
     return exit_status(result.n_errors, len(result.records))
@@ -118,5 +124,8 @@ def add_parser(sub: Any) -> None:
     )
     add_overwrite(test, "results into a folder holding other files")
     add_device(test)
-    add_engine(test)
+    add_engine(
+        test,
+        distributed="the scored images sent back to make the metrics and the report here",
+    )
     test.set_defaults(func=run)

@@ -104,5 +104,8 @@ def add_parser(sub: Any) -> None:
     predict.add_argument("--batch-size", type=positive_int, metavar="N", help="images per batch (default: the run's)")
     add_overwrite(predict, "the results file or heat maps")
     add_device(predict)
-    add_engine(predict, distributed=True)
+    add_engine(
+        predict,
+        distributed="results appended to --out as they arrive (a rerun skips the images already there)",
+    )
     predict.set_defaults(func=run)

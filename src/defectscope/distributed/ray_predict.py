@@ -23,13 +23,11 @@ from ..errors import DefectscopeError
 from ..methods import load
 from ..progress import Log, progress_enabled, quiet
 from ..records import Record
-from ..runs.info import load_with_engine, run_info
+from ..runs.info import run_info
 from ..runs.prediction import prediction_record, prediction_samples
+from .ray_data import RunWorker, on_workers
 from .results_file import ResultsFile
-from .runtime import require_ray, start_ray
-
-#: Images per call of a worker.
-CHUNK = 64
+from .runtime import require_ray
 
 
 @dataclass
@@ -45,18 +43,8 @@ class RayPredictResult:
         return sum(r.verdict == "error" for r in self.scored)
 
 
-class _Scorer:
-    """A Ray actor: the run's detector, loaded once, scoring batches of image paths."""
-
-    def __init__(
-        self, run: str, device: str, engine: EngineChoice | None, threads: int, batch_size: int | None
-    ) -> None:
-        import torch
-
-        torch.set_num_threads(threads)
-        os.environ.setdefault("DEFECTSCOPE_NO_PROGRESS", "1")
-        self.detector = load_with_engine(run, device, engine, quiet)
-        self.batch_size = batch_size or self.detector.batch_size
+class _Scorer(RunWorker):
+    """A Ray actor: the run's detector, loaded once, scoring batches of image paths into records."""
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         samples = [Sample(Path(str(p)), 0, "unknown", None, str(c)) for p, c in zip(batch["path"], batch["category"])]
@@ -104,28 +92,17 @@ def predict_ray(
     scored: list[Record] = []
     if not todo:
         return RayPredictResult(target, scored, skipped)
-    ray = start_ray(address, workers * threads_per_worker)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    # each call of a worker scores CHUNK images (model batches of ``batch_size`` inside), so that image
-    # decoding overlaps the model within a call; chunks small enough that every worker gets some
-    per_batch = max(1, min(CHUNK, -(-len(todo) // workers)))
     items = [{"path": str(s.path), "category": s.category or ""} for s in todo]
-    blocks = -(-len(items) // per_batch)
-    dataset = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+    dataset = on_workers(
+        items,
         _Scorer,
-        fn_constructor_kwargs={
-            "run": run,
-            "device": device,
-            "engine": engine,
-            "threads": threads_per_worker,
-            "batch_size": batch_size,
-        },
-        batch_size=per_batch,
-        batch_format="numpy",
-        concurrency=workers,
-        num_cpus=threads_per_worker,
-        num_gpus=1 if device.startswith("cuda") else 0,
+        run=run,
+        address=address,
+        workers=workers,
+        threads=threads_per_worker,
+        batch_size=batch_size,
+        device=device,
+        engine=engine,
     )
     from tqdm import tqdm
 

@@ -216,6 +216,10 @@ class Detector(ABC, metaclass=_CheckedParams):
     def _load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         """Inverse of :meth:`_state`."""
 
+    def _mapped_tensors(self) -> set[str]:
+        """Tensors of :meth:`_state` that loading memory-maps from the model file instead of reading."""
+        return set()
+
     def export_module(self) -> torch.nn.Module:
         """A traceable module: images (B, 3, S, S) in [0, 1] -> (scores (B,), maps (B, S, S)), computing what
         :meth:`_predict` computes with this fitted detector's tensors (see :mod:`defectscope.export`)."""

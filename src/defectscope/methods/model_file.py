@@ -35,13 +35,13 @@ from typing import (
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from .. import __version__
 from ..checkpoint import sha256_file, write_safetensors
 from ..errors import DefectscopeError, ModelFileError
 from ..geometry import Geometry
 from ..outputs import StagedFiles, json_safe, make_folder
+from ..tensor_file import all_finite, read_tensors
 from ..thresholds import CONFORMAL, MEAN_SIGMA, RULE_SETTINGS, RULES, Calibration
 
 if TYPE_CHECKING:
@@ -398,7 +398,7 @@ def _describe_type(annotation: Any) -> str:
 def check_tensors_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
     """Every floating-point tensor holds only finite numbers; else a :class:`ModelFileError` naming the first."""
     for name, tensor in tensors.items():
-        if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+        if not all_finite(tensor):
             raise ModelFileError(f"{where}: tensor {_short(name)} holds NaN or infinite values; the model is damaged")
 
 
@@ -434,14 +434,14 @@ def load(folder: str | os.PathLike) -> Detector:
             f"{tensors_path}: checksum does not match {CONFIG_FILE}; the file was changed or truncated"
         )
     try:
-        tensors = load_file(str(tensors_path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelFileError(f"{tensors_path}: cannot be read ({_one_line(exc)})") from None
-    check_tensors_finite(tensors, str(tensors_path))
-    try:
         detector = METHODS[method](**config["params"])
     except (TypeError, ValueError, DefectscopeError) as exc:
         raise ModelFileError(f"{config_path}: params do not fit {method} ({_one_line(exc)})") from None
+    try:
+        tensors = read_tensors(str(tensors_path), detector._mapped_tensors())
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelFileError(f"{tensors_path}: cannot be read ({_one_line(exc)})") from None
+    check_tensors_finite(tensors, str(tensors_path))
     try:
         detector._check_config(config, folder)
     except DefectscopeError as exc:

@@ -9,18 +9,24 @@ own neighbours (the paper's Eq. 7). By default the layers' channels are concaten
 are; ``embed_dim`` instead pools every layer (adaptive average over channels) to an equal share
 of a fixed dimension, the paper's fixed-dimension projection, which weighs the finer layer more
 (see BENCHMARKS.md for when that helps).
+
+Banks larger than memory: ``search_index="ivfpq"`` searches the bank through IVF-PQ codes (about
+``D / 4`` bytes per patch in memory) and computes the candidates' exact distances from the bank's
+vectors, which ``bank_on_disk=True`` memory-maps from the model file instead of reading it
+(:mod:`defectscope.nn.compressed_index`; recall and memory at 1 M patches in BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from ..data import ImageDataset, iterate_batches
 from ..data.dataset import ItemSource
-from ..errors import DefectscopeError
+from ..errors import DefectscopeError, NotExportable
+from ..nn.compressed_index import IvfPqParts, train_ivfpq
 from ..nn.coreset import greedy_coreset
 from ..nn.embedding import patch_embedding
 from ..nn.knn import BankSearch, NearestNeighbors
@@ -30,6 +36,10 @@ from .backbone_detector import BackboneDetector
 from .base import Prediction, fitted
 from .params import base_params, check_at_least
 from .sharded import Shards, shard_sources
+
+#: How the bank is searched: ``auto`` (flat below 8192 patches, else an inverted file), ``exact`` (flat),
+#: ``ivfpq`` (compressed codes, candidates re-ranked by exact distances).
+SearchIndex = Literal["auto", "exact", "ivfpq"]
 
 
 def patchcore_part(args: tuple[dict[str, Any], ItemSource, float]) -> tuple[int, torch.Tensor]:
@@ -50,6 +60,12 @@ class PatchCore(BackboneDetector):
     export_handover = "embeddings"
     #: ``fit --engine ray``: embeddings and a first coreset per worker, then the coreset of their union.
     distributed_fit: ClassVar[bool] = True
+    param_help: ClassVar[dict[str, str]] = {
+        "exact_search": "search the bank exactly (a flat index; the same as search_index=exact)",
+        "search_index": "auto (flat, or an inverted file for large banks), exact, or ivfpq (compressed codes, "
+        "re-ranked exactly: banks larger than memory)",
+        "bank_on_disk": "with search_index=ivfpq: memory-map the bank from the model file instead of reading it",
+    }
 
     def __init__(
         self,
@@ -62,6 +78,8 @@ class PatchCore(BackboneDetector):
         coreset_ratio: float = 0.1,
         projection_dim: int = 64,
         exact_search: bool = False,
+        search_index: SearchIndex = "auto",
+        bank_on_disk: bool = False,
         num_neighbors: int = 9,
         blur_sigma: float = 4.0,
         batch_size: int = 16,
@@ -85,6 +103,14 @@ class PatchCore(BackboneDetector):
         self.projection_dim = projection_dim
         self._shard_info: dict[str, Any] = {}
         self.exact_search = exact_search
+        if bank_on_disk and search_index != "ivfpq":
+            raise DefectscopeError(
+                f"bank_on_disk=true needs search_index=ivfpq (the {search_index} index holds the whole bank in memory)"
+            )
+        if exact_search and search_index == "ivfpq":
+            raise DefectscopeError("exact_search=true and search_index=ivfpq contradict each other: choose one")
+        self.search_index: SearchIndex = search_index
+        self.bank_on_disk = bank_on_disk
         self.num_neighbors = num_neighbors
         self.blur_sigma = blur_sigma
         self._index: NearestNeighbors | None = None
@@ -123,7 +149,12 @@ class PatchCore(BackboneDetector):
         else:
             bank = self._patches(dataset)
             bank = self._coreset(bank, max(1, round(bank.shape[0] * self.coreset_ratio)))
-        self._index = NearestNeighbors(bank.contiguous(), exact=self.exact_search)
+        self._index = self._make_index(bank.contiguous(), None)
+
+    def _make_index(self, bank: torch.Tensor, compressed: IvfPqParts | None) -> NearestNeighbors:
+        if self.search_index == "ivfpq" and compressed is None:
+            compressed = train_ivfpq(bank.float().numpy(), self.seed)
+        return NearestNeighbors(bank, exact=self.exact_search or self.search_index == "exact", compressed=compressed)
 
     def _fit_details(self) -> dict[str, Any]:
         return super()._fit_details() | ({"distributed_coreset": self._shard_info} if self._shard_info else {})
@@ -175,9 +206,6 @@ class PatchCore(BackboneDetector):
         weight = 1.0 - torch.softmax(dists, dim=1)[:, 0]
         return weight * top, maps
 
-    def export_module(self) -> torch.nn.Module:
-        return _PatchCoreGraph(self)
-
     @property
     def index(self) -> NearestNeighbors:
         return fitted(self, self._index)
@@ -188,13 +216,30 @@ class PatchCore(BackboneDetector):
         return self.index.bank
 
     def _state(self) -> dict[str, torch.Tensor]:
-        return {"memory_bank": self.memory_bank}
+        state = {"memory_bank": self.memory_bank}
+        if self.index.compressed is not None:
+            centroids, codebooks, codes = self.index.compressed
+            state |= {"ivfpq_centroids": centroids, "ivfpq_codebooks": codebooks, "ivfpq_codes": codes}
+        return state
+
+    def _mapped_tensors(self) -> set[str]:
+        return {"memory_bank"} if self.bank_on_disk else set()
 
     def _load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         bank = tensors["memory_bank"]
-        if bank.ndim != 2:
-            raise ValueError(f"memory_bank must be 2-D, got shape {tuple(bank.shape)}")
-        self._index = NearestNeighbors(bank, exact=self.exact_search)
+        if bank.ndim != 2 or bank.dtype != torch.float32:
+            raise ValueError(f"memory_bank must be 2-D float32, got {bank.dtype} {tuple(bank.shape)}")
+        names = ("ivfpq_centroids", "ivfpq_codebooks", "ivfpq_codes")
+        compressed = IvfPqParts(*(tensors[n] for n in names)) if self.search_index == "ivfpq" else None
+        self._index = self._make_index(bank, compressed)
+
+    def export_module(self) -> torch.nn.Module:
+        if self.search_index == "ivfpq":
+            raise NotExportable(
+                "patchcore cannot be exported to ONNX with search_index=ivfpq: its compressed index is searched by "
+                "faiss only (fit with search_index=auto to export)"
+            )
+        return _PatchCoreGraph(self)
 
 
 class _PatchCoreGraph(torch.nn.Module):

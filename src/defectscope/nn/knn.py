@@ -3,6 +3,8 @@
 Small banks use an exact flat L2 index. Large banks use an inverted-file index (k-means cells,
 ``nprobe`` nearest cells searched per query): on PatchCore banks it returns the exact nearest
 neighbour for about 98 % of queries and a near-tie otherwise, at a small fraction of the cost.
+Banks larger than memory are searched through IVF-PQ codes and re-ranked exactly
+(:mod:`.compressed_index`).
 :class:`BankSearch` is the same 1-nearest-neighbour search in plain tensor operations (matrix
 products, top-k, a cell mask), so that it traces into an ONNX graph and gives faiss's answers.
 """
@@ -15,6 +17,8 @@ from typing import NamedTuple
 import faiss
 import numpy as np
 import torch
+
+from .compressed_index import IvfPqParts, ivfpq_index, reranked
 
 IVF_MIN_BANK = 8192  # below this a flat index is fast enough
 
@@ -29,12 +33,19 @@ class Neighbours(NamedTuple):
 class NearestNeighbors:
     """L2 nearest neighbours of query vectors in a fixed bank of vectors."""
 
-    def __init__(self, bank: torch.Tensor, exact: bool = False, nprobe: int = 8) -> None:
-        self.bank = bank.float().contiguous()
+    def __init__(
+        self, bank: torch.Tensor, exact: bool = False, nprobe: int = 8, compressed: IvfPqParts | None = None
+    ) -> None:
+        self.bank = bank.float().contiguous()  # a float32 memory-mapped bank stays mapped
         n, dim = self.bank.shape
-        data = self.bank.numpy()
         faiss.omp_set_num_threads(torch.get_num_threads())
         self._index: faiss.Index
+        #: The IVF-PQ index's tensors when the bank is searched through its codes (:mod:`.compressed_index`).
+        self.compressed = compressed
+        if compressed is not None:
+            self._index = ivfpq_index(compressed, n, dim)
+            return
+        data = self.bank.numpy()
         if exact or n < IVF_MIN_BANK:
             self._index = faiss.IndexFlatL2(dim)
         else:
@@ -75,6 +86,8 @@ class NearestNeighbors:
         """Euclidean distances (Q, k) and bank indices (Q, k) of the k nearest bank vectors."""
         faiss.omp_set_num_threads(torch.get_num_threads())
         q = np.ascontiguousarray(queries.detach().float().numpy())
+        if self.compressed is not None:
+            return Neighbours(*reranked(self._index, self.bank, q, k))
         dist, idx = self._index.search(q, k)
         return Neighbours(torch.from_numpy(dist).clamp_min_(0.0).sqrt_(), torch.from_numpy(idx))
 

@@ -8,9 +8,10 @@ model was fitted with are always left out, and the result says so.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,7 +19,8 @@ from ..data import Sample, folder_samples
 from ..data.sources import labelled_samples, resolve_categories
 from ..engines import EngineChoice
 from ..errors import DataError, DefectscopeError
-from ..evaluate import PixelResolution, evaluate
+from ..evaluate import Inspector, PixelResolution, evaluate
+from ..geometry.inspect import Inspected
 from ..methods import Detector
 from ..outputs import StagedFiles, atomic_write_json, json_text, prepare_output_dir
 from ..progress import Log, quiet
@@ -26,6 +28,9 @@ from ..records import NO_THRESHOLD_NOTE, Record, format_records
 from ..report.html import write_report
 from ..report.images import ReportImages
 from .info import RunInfo, load_with_engine, model_facts, run_info
+
+if TYPE_CHECKING:
+    from ..distributed.ray_inspect import RayOptions
 
 
 @dataclass
@@ -126,13 +131,19 @@ def _evaluate_one(
     batch_size: int | None,
     pixel_resolution: PixelResolution | None,
     log: Log,
+    inspector: Inspector | None,
 ) -> CategoryResult:
     log(f"testing {run} on {len(samples)} images from {source}")
     threshold = detector.calibration.threshold if detector.calibration else None
     writer = ReportImages(folder, [str(s.path) for s in samples], threshold) if overlays else None
     try:
         result = evaluate(
-            detector, samples, batch_size, on_item=writer.add if writer else None, pixel_resolution=pixel_resolution
+            detector,
+            samples,
+            batch_size,
+            on_item=writer.add if writer else None,
+            pixel_resolution=pixel_resolution,
+            inspector=inspector,
         )
         notes = notes + result.notes + ([NO_THRESHOLD_NOTE] if threshold is None else [])
         calibration = detector.calibration.summary() if detector.calibration else None
@@ -203,6 +214,7 @@ def evaluate_run(
     log: Log = quiet,
     detector: Detector | None = None,
     engine: EngineChoice | None = None,
+    ray: RayOptions | None = None,
 ) -> EvalResult:
     """Test the run folder ``run`` on labelled images and write metrics, predictions and a report.
 
@@ -212,9 +224,22 @@ def evaluate_run(
     ``overwrite``); with several categories, one sub-folder per category plus the mean. Pixel
     metrics compare maps and masks at ``pixel_resolution`` (``native`` or ``square``; default
     :func:`~defectscope.evaluate.default_resolution` of the model's geometry). ``engine`` (default:
-    torch) says what computes the predictions (:mod:`defectscope.engines`).
+    torch) says what computes the predictions (:mod:`defectscope.engines`); with ``ray`` the images are
+    scored on a Ray cluster (:mod:`defectscope.distributed.ray_inspect`), each worker with ``ray.engine``,
+    and everything else is done here as without it.
     """
-    detector = load_with_engine(run, device, engine, log, detector)
+    inspector: Inspector | None = None
+    if ray is not None:
+        from ..distributed.ray_inspect import inspect_ray
+
+        if detector is not None:
+            raise DefectscopeError("--engine ray loads the run folder on every worker: pass the run, not a detector")
+        options = ray
+
+        def inspector(samples: list[Sample], native: bool) -> Iterator[Inspected]:
+            return inspect_ray(run, samples, options, native=native, batch_size=batch_size, device=device)
+
+    detector = load_with_engine(run, device, engine if ray is None else None, log, detector)
     info = run_info(detector)
     folder = Path(out) if out is not None else Path(run) / "test"
     sets: list[tuple[str | None, str, list[Sample]]]
@@ -244,7 +269,18 @@ def evaluate_run(
             log(f"\n== {name} ==")
         parts.append(
             _evaluate_one(
-                detector, kept, source, name, sub, str(run), notes, overlays, batch_size, pixel_resolution, log
+                detector,
+                kept,
+                source,
+                name,
+                sub,
+                str(run),
+                notes,
+                overlays,
+                batch_size,
+                pixel_resolution,
+                log,
+                inspector,
             )
         )
     result = EvalResult(folder, parts)
