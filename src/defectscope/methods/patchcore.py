@@ -40,6 +40,8 @@ from .sharded import Shards, shard_sources
 #: How the bank is searched: ``auto`` (flat below 8192 patches, else an inverted file), ``exact`` (flat),
 #: ``ivfpq`` (compressed codes, candidates re-ranked by exact distances).
 SearchIndex = Literal["auto", "exact", "ivfpq"]
+#: The model file's tensors of an IVF-PQ index, in :class:`IvfPqParts` order.
+IVFPQ_TENSORS = ("ivfpq_centroids", "ivfpq_codebooks", "ivfpq_codes")
 
 
 def patchcore_part(args: tuple[dict[str, Any], ItemSource, float]) -> tuple[int, torch.Tensor]:
@@ -218,8 +220,7 @@ class PatchCore(BackboneDetector):
     def _state(self) -> dict[str, torch.Tensor]:
         state = {"memory_bank": self.memory_bank}
         if self.index.compressed is not None:
-            centroids, codebooks, codes = self.index.compressed
-            state |= {"ivfpq_centroids": centroids, "ivfpq_codebooks": codebooks, "ivfpq_codes": codes}
+            state |= dict(zip(IVFPQ_TENSORS, self.index.compressed))
         return state
 
     def _mapped_tensors(self) -> set[str]:
@@ -229,8 +230,7 @@ class PatchCore(BackboneDetector):
         bank = tensors["memory_bank"]
         if bank.ndim != 2 or bank.dtype != torch.float32:
             raise ValueError(f"memory_bank must be 2-D float32, got {bank.dtype} {tuple(bank.shape)}")
-        names = ("ivfpq_centroids", "ivfpq_codebooks", "ivfpq_codes")
-        compressed = IvfPqParts(*(tensors[n] for n in names)) if self.search_index == "ivfpq" else None
+        compressed = IvfPqParts(*(tensors[n] for n in IVFPQ_TENSORS)) if self.search_index == "ivfpq" else None
         self._index = self._make_index(bank, compressed)
 
     def export_module(self) -> torch.nn.Module:
