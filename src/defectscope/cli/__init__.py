@@ -15,7 +15,7 @@ from typing import TextIO
 
 from .. import __version__
 from ..errors import DefectscopeError
-from . import calibrate, demo, evaluation, export, feedback, fit, predict, serve, synth, watch
+from . import calibrate, demo, evaluation, export, feedback, fit, generate, predict, serve, synth, watch
 
 
 def one_line(text: str) -> str:
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"defectscope {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-    for module in (fit, evaluation, predict, calibrate, export, serve, watch, feedback, demo, synth):
+    for module in (fit, evaluation, predict, calibrate, export, serve, watch, feedback, demo, synth, generate):
         module.add_parser(sub)
     return parser
 

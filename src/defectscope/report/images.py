@@ -38,7 +38,7 @@ from .overlay import colorize, display_max, unique_names
 THUMBNAIL = 320
 #: Weight of the colours over the input.
 ALPHA = 0.45
-_GREEN = (0, 255, 0)
+OUTLINE_GREEN = (0, 255, 0)
 #: The colour ramp as a 256-entry palette: map levels 0..255 -> RGB.
 _PALETTE = colorize(np.linspace(0.0, 1.0, 256)).reshape(-1).tolist()
 
@@ -55,7 +55,7 @@ def _levels(amap: np.ndarray, vmax: float) -> Image.Image:
     return Image.fromarray((np.clip(scaled, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
 
 
-def _outline(mask: np.ndarray, width: int) -> tuple[Image.Image, tuple[int, int, int, int]] | None:
+def mask_outline(mask: np.ndarray, width: int) -> tuple[Image.Image, tuple[int, int, int, int]] | None:
     """The ground truth's edge, ``width`` pixels wide on the inside, over the mask's bounding box
     (and the box); None without a defect."""
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
@@ -79,13 +79,13 @@ def compose(base: Image.Image, levels: Image.Image, mask: np.ndarray | None) -> 
     if mask is not None:
         if mask.shape != (base.height, base.width):
             mask = np.asarray(Image.fromarray(mask).resize(base.size, Image.Resampling.NEAREST))
-        edge = _outline(mask, max(2, round(max(base.size) / 400)))
+        edge = mask_outline(mask, max(2, round(max(base.size) / 400)))
         if edge is not None:
-            out.paste(_GREEN, edge[1], mask=edge[0])
+            out.paste(OUTLINE_GREEN, edge[1], mask=edge[0])
     return out
 
 
-def _jpeg(image: Image.Image, quality: int, subsampling: int = 0) -> bytes:
+def jpeg_bytes(image: Image.Image, quality: int, subsampling: int = 0) -> bytes:
     """JPEG bytes; ``subsampling`` 0 (4:4:4) keeps thin coloured lines sharp, 2 (4:2:0) suits photos."""
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=quality, subsampling=subsampling)
@@ -185,11 +185,11 @@ class ReportImages:
             native = None if mask is None else np.asarray(mask, dtype=bool)
             factor = -(-max(rgb.size) // THUMBNAIL)  # the thumbnail: reduced by a whole factor (box filter)
             thumbnail = compose(rgb.reduce(factor) if factor > 1 else rgb, levels, native)
-            atomic_write(self.root / f"{name}.jpg", _jpeg(thumbnail, 85))
-            atomic_write(self.root / "full" / f"{name}.jpg", _jpeg(compose(rgb, levels, native), 90))
-            atomic_write(self.root / "inputs" / f"{name}.jpg", _jpeg(rgb, 90, subsampling=2))
+            atomic_write(self.root / f"{name}.jpg", jpeg_bytes(thumbnail, 85))
+            atomic_write(self.root / "full" / f"{name}.jpg", jpeg_bytes(compose(rgb, levels, native), 90))
+            atomic_write(self.root / "inputs" / f"{name}.jpg", jpeg_bytes(rgb, 90, subsampling=2))
             if reconstruction is not None:
-                atomic_write(self.root / "reconstructions" / f"{name}.jpg", _jpeg(_rgb(reconstruction), 90, 2))
+                atomic_write(self.root / "reconstructions" / f"{name}.jpg", jpeg_bytes(_rgb(reconstruction), 90, 2))
         except Exception as exc:
             error = (
                 exc if isinstance(exc, OutputError) else OutputError(f"{path}: cannot write its report images ({exc})")
