@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -66,21 +65,6 @@ def coverage_figures(data: Path, work: Path, workers: int, threads: int) -> dict
     return out
 
 
-def linked_copies(inputs: list[Path], copies: int, folder: Path) -> Path:
-    """A flat folder holding ``copies`` symlinks to every image under ``inputs`` (MVTec test split or folders)."""
-    from defectscope.data.image_io import IMAGE_EXTENSIONS
-
-    found = (p for d in inputs for p in ((d / "test").glob("*/*") if (d / "test").is_dir() else d.iterdir()))
-    images = sorted(p for p in found if p.suffix.lower() in IMAGE_EXTENSIONS)
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    for k in range(copies):
-        for i, path in enumerate(images):
-            (folder / f"{k}_{i:05d}{path.suffix}").symlink_to(path.resolve())
-    return folder
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_datasets_root(parser)
@@ -95,14 +79,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         default="test",
         help="score the test split, or the train and test splits together (a longer job; writes ray_all.json)",
     )
-    parser.add_argument(
-        "--copies",
-        type=int,
-        default=1,
-        metavar="K",
-        help="score every input image K times (K symlinks per image in one folder): a longer job, over which "
-        "the fixed start of the Ray job (actors, model loads) weighs less; writes ray_all_xK.json",
-    )
     args = parser.parse_args(argv)
     os.environ.setdefault("DEFECTSCOPE_NO_PROGRESS", "1")
     import ray
@@ -115,9 +91,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not (run / "config.json").exists():
         fit_run(data, run, method="padim", overwrite=True)
     predict_run(run, sorted((data / "train" / "good").iterdir())[:16])  # warm up the libraries
-    inputs: list[Path] = [data] if args.inputs == "test" else [data, data / "train" / "good"]
-    if args.copies > 1:
-        inputs = [linked_copies(inputs, args.copies, work / f"inputs-x{args.copies}")]
+    inputs = [data] if args.inputs == "test" else [data, data / "train" / "good"]
     start = time.perf_counter()
     local = predict_run(run, inputs)
     local_s = time.perf_counter() - start
@@ -155,9 +129,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     }
     if args.coverage:
         summary["patchcore_coverage"] = summary_coverage
-    name = ("ray.json" if args.inputs == "test" else "ray_all.json").replace(
-        ".json", f"_x{args.copies}.json" if args.copies > 1 else ".json"
-    )
+    name = "ray.json" if args.inputs == "test" else "ray_all.json"
     write_json(REPO / "bench" / "results" / name, summary)
     print(summary)
 

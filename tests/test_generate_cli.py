@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from defectscope.cli import main
@@ -106,6 +107,23 @@ def test_sample_refuses_unknown_types_and_both_mask_sources(generator: Path, tmp
     assert main([*base, "--types", "scratch"]) == 2
     assert "unknown defect type 'scratch'" in capsys.readouterr().err
     assert main([*base, "--masks", str(tmp_path), "--new-masks"]) == 2
+
+
+def test_cuda_without_a_gpu_is_one_clear_line(
+    generator: Path, example_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    commands = [
+        ["generate", "fit", str(example_root), "--out", str(tmp_path / "gen"), *TINY],
+        ["generate", "sample", str(generator), "--count", "1", "--out", str(tmp_path / "pairs")],
+        ["generate", "evaluate", str(generator)],
+    ]
+    for command in commands:
+        assert main([*command, "--device", "cuda"]) == 2
+        err = capsys.readouterr().err
+        assert err == "defectscope: error: device cuda: no CUDA GPU is available to torch here; use --device cpu\n"
+    assert not (tmp_path / "gen").exists() and not (tmp_path / "pairs").exists()
+    assert not (generator / "evaluation").exists()
 
 
 def test_fit_refuses_an_existing_generator(generator: Path, example_root: Path, capsys) -> None:

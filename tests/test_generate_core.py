@@ -287,6 +287,26 @@ def test_save_and_load_give_the_same_generator(fitted: DefectGenerator, bottle_r
     assert np.array_equal(
         loaded.generate_masks("contamination", 2, 1, 16)[1], fitted.generate_masks("contamination", 2, 1, 16)[1]
     )
+    on_cpu = DefectGenerator.load(tmp_path / "gen", device="cpu")
+    assert on_cpu.device == torch.device("cpu") and on_cpu.to("cpu") is on_cpu
+    assert np.array_equal(on_cpu.generate(*args), loaded.generate(*args))
+
+
+def test_a_device_torch_cannot_use_is_one_clear_error(
+    fitted: DefectGenerator, bottle_defects: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    no_gpu = "^device cuda: no CUDA GPU is available to torch here; use --device cpu$"
+    with pytest.raises(DefectscopeError, match=no_gpu):
+        fit_generator([], bottle_defects, GeneratorSettings.from_dict(TINY), device="cuda")
+    fitted.save(tmp_path / "gen")
+    with pytest.raises(DefectscopeError, match=no_gpu):
+        DefectGenerator.load(tmp_path / "gen", device="cuda")
+    with pytest.raises(DefectscopeError, match="no CUDA GPU"):
+        fitted.to("cuda:0")
+    with pytest.raises(DefectscopeError, match="not a torch device"):
+        fitted.to("nope")
+    assert fitted.device == torch.device("cpu")
 
 
 def test_load_refuses_missing_damaged_and_foreign_folders(fitted: DefectGenerator, tmp_path: Path) -> None:
@@ -322,6 +342,8 @@ def test_fit_resumes_from_its_checkpoints(bottle_root: Path, bottle_defects: dic
     good_image, mask = _good_and_mask(bottle_root, 2)
     args = ([good_image], [mask], ["broken_large"], [0])
     assert np.array_equal(again.generate(*args), first.generate(*args))
+    explicit = fit_generator(good, bottle_defects, settings, device="cpu")
+    assert np.array_equal(explicit.generate(*args), first.generate(*args))  # "cpu" is the default, exactly
 
 
 # -- the pretrained latent diffusion path -------------------------------------------------------------

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,26 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         raise OSError(str(exc)) from None
 
 
+def write_hashed_pair(
+    folder: Path,
+    tensors_name: str,
+    tensors: dict[str, torch.Tensor],
+    config_name: str,
+    config: dict[str, Any],
+    text: Callable[[dict[str, Any]], str],
+) -> None:
+    """Replace ``folder/tensors_name`` and ``folder/config_name`` together; the config records the tensors' sha256.
+
+    The tensors are staged first and ``config["tensors_sha256"]`` set from the staged file, so a
+    crash between the two renames is detected on load; on any error both earlier files stay.
+    """
+    with StagedFiles() as staged:
+        tmp = staged.stage_with(folder / tensors_name, lambda path: write_safetensors(tensors, path))
+        config["tensors_sha256"] = sha256_file(tmp)
+        staged.stage(folder / config_name, text(config))
+        staged.commit()
+
+
 def save_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Atomically replace the checkpoint in ``folder`` with ``tensors`` and ``meta``.
 
@@ -83,12 +104,9 @@ def save_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], meta: dict[s
     checkpoint is then unchanged.
     """
     make_folder(folder, "the checkpoint")
-    with StagedFiles() as staged:
-        tmp_tensors = staged.stage_with(folder / CHECKPOINT_TENSORS, lambda tmp: write_safetensors(tensors, tmp))
-        record = {**meta, "tensors_sha256": sha256_file(tmp_tensors)}
-        staged.stage(folder / CHECKPOINT_JSON, json.dumps(record, indent=2) + "\n")
-        # The JSON names the tensors' hash, so a crash between the two renames is detected on load.
-        staged.commit()
+    write_hashed_pair(
+        folder, CHECKPOINT_TENSORS, tensors, CHECKPOINT_JSON, dict(meta), lambda r: json.dumps(r, indent=2) + "\n"
+    )
 
 
 def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shlex
-import sys
 import textwrap
 from typing import Any
 
 from ..errors import DefectscopeError
-from .common import info, non_negative_int, parse_number, positive_int
+from .common import add_device, info, non_negative_int, parse_number, positive_int
+
+#: Settings the run layer sets itself: from the category, or from their own option.
+RUN_SET = {"adaptive_attention": "--adaptive-attention on|off", "category": "DATA's folder name"}
 
 
 def _value(field: dataclasses.Field[Any], default: Any, text: str) -> Any:
@@ -34,17 +36,19 @@ def settings_from(args: argparse.Namespace) -> Any:
     """The generator settings: defaults, then --set KEY=VALUE, then the named options."""
     from ..generate.settings import GeneratorSettings
 
-    fields = {f.name: f for f in dataclasses.fields(GeneratorSettings)}
+    fields = {f.name: f for f in dataclasses.fields(GeneratorSettings) if f.name not in RUN_SET}
     defaults = GeneratorSettings()
     values: dict[str, Any] = {}
     for pair in args.set:
         key, sep, text = pair.partition("=")
         key = key.strip().replace("-", "_")
+        if key in RUN_SET:
+            raise DefectscopeError(f"--set {key}: set by {RUN_SET[key]}, not by --set")
         if not sep or key not in fields:
             known = ", ".join(sorted(fields))
             raise DefectscopeError(f"--set {pair!r}: expected KEY=VALUE with KEY one of {known}")
         values[key] = _value(fields[key], getattr(defaults, key), text.strip())
-    for key in ("image_size", "time_budget", "seed", "device"):
+    for key in ("image_size", "time_budget", "seed"):
         given = getattr(args, key, None)
         if given is not None and key in fields:
             values[key] = given
@@ -57,7 +61,11 @@ def _settings_epilog() -> str:
     except DefectscopeError:
         return ""
     defaults = GeneratorSettings()
-    rows = [f"  {f.name} = {getattr(defaults, f.name)!r}" for f in dataclasses.fields(GeneratorSettings)]
+    rows = [
+        f"  {f.name} = {getattr(defaults, f.name)!r}"
+        for f in dataclasses.fields(GeneratorSettings)
+        if f.name not in RUN_SET
+    ]
     return "generator settings (--set KEY=VALUE), with their defaults:\n" + "\n".join(rows)
 
 
@@ -75,6 +83,7 @@ def run_fit(args: argparse.Namespace) -> int:
         adaptive_attention=None if args.adaptive_attention is None else args.adaptive_attention == "on",
         resume=args.resume,
         overwrite=args.overwrite,
+        device=args.device,
         log=info,
     )
     seconds = result.generator.fit_info.get("seconds")
@@ -82,6 +91,20 @@ def run_fit(args: argparse.Namespace) -> int:
     types = ", ".join(f"{name} ({len(ex)} images)" for name, ex in result.defects.items())
     print(f"learnt {len(result.defects)} defect types{took}: {types}\nsaved the generator to {result.folder}")
     return 0
+
+
+def _sample_command(args: argparse.Namespace) -> str:
+    """The command that reproduces this sampling run."""
+    words = ["defectscope", "generate", "sample", args.generator, "--count", str(args.count), "--out", args.out]
+    words += ["--image-size", str(args.image_size), "--seed", str(args.seed)]
+    for flag, value in (("--good", args.good), ("--masks", args.masks), ("--types", args.types)):
+        if value:
+            words += [flag, value]
+    if args.adaptive_attention:
+        words += ["--adaptive-attention", args.adaptive_attention]
+    if args.device != "cpu":
+        words += ["--device", args.device]
+    return shlex.join(words)
 
 
 def run_sample(args: argparse.Namespace) -> int:
@@ -100,7 +123,8 @@ def run_sample(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         seed=args.seed,
         adaptive_attention=None if args.adaptive_attention is None else args.adaptive_attention == "on",
-        command_line=shlex.join(["defectscope", "generate", "sample", *sys.argv[3:]]),
+        command_line=_sample_command(args),
+        device=args.device,
         log=info,
     )
     total = sum(result.counts.values())
@@ -122,6 +146,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         json_out=args.json,
         sheet=args.sheet,
         seed=args.seed,
+        device=args.device,
         log=info,
     )
     print(result.table)
@@ -155,7 +180,7 @@ def add_parser(sub: Any) -> None:
             "weights) on the good images of DATA and a few labelled defects per type, with the paper's "
             "spatial anomaly embedding (masked textual inversion) and a mask model per type. Progress, "
             "checkpoints in GEN/checkpoint and --resume go through the shared training loop; "
-            "time_budget bounds the training time.",
+            "time_budget (image model) and mask_time_budget (mask model) bound the training time in seconds.",
             width=100,
         ),
         epilog=_settings_epilog(),
@@ -193,6 +218,7 @@ def add_parser(sub: Any) -> None:
     fit.add_argument("--resume", action="store_true", help="continue from the last checkpoint in GEN/checkpoint")
     fit.add_argument("--overwrite", action="store_true", help="replace a generator already in GEN")
     fit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any generator setting")
+    add_device(fit)
     fit.set_defaults(func=run_fit)
 
     sample = steps.add_parser(
@@ -224,6 +250,7 @@ def add_parser(sub: Any) -> None:
     sample.add_argument("--image-size", type=positive_int, default=256, help="output size in px (default: %(default)s)")
     sample.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default: %(default)s)")
     _add_attention(sample, "default: as the generator was fitted")
+    add_device(sample)
     sample.set_defaults(func=run_sample)
 
     evaluate = steps.add_parser(
@@ -252,4 +279,5 @@ def add_parser(sub: Any) -> None:
     evaluate.add_argument("--json", metavar="FILE", help="metrics file (default: OUT/generation_metrics.json)")
     evaluate.add_argument("--sheet", metavar="FILE", help="contact sheet (default: OUT/contact_sheet.html)")
     evaluate.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default: %(default)s)")
+    add_device(evaluate)
     evaluate.set_defaults(func=run_evaluate)

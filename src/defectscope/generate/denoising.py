@@ -108,7 +108,7 @@ def prediction_error(
     prediction: str,
 ) -> torch.Tensor:
     """(B, 1, H, W) channel-mean squared error of the model at a uniform random timestep and Gaussian noise."""
-    t = torch.randint(0, len(abar), (x0.shape[0],))
+    t = torch.randint(0, len(abar), (x0.shape[0],), device=x0.device)
     eps = torch.randn_like(x0)
     abar_t = dm.gather_abar(abar, t)
     output = model(dm.add_noise(x0, eps, abar_t), t, types, masks)
@@ -138,21 +138,24 @@ def mask_loss(batch: dict[str, Any], model: Denoiser, abar: torch.Tensor, settin
     """Noise-prediction loss on the masks (as images in [-1, 1]) under their type's tokens; random flips."""
     x0 = batch["mask"][:, None].float() * 2 - 1
     if settings.mask_flips:
-        flip_h, flip_v = torch.rand(2, x0.shape[0], 1, 1, 1) < 0.5
+        flip_h, flip_v = torch.rand(2, x0.shape[0], 1, 1, 1, device=x0.device) < 0.5
         x0 = torch.where(flip_h, x0.flip(-1), x0)
         x0 = torch.where(flip_v, x0.flip(-2), x0)
     return prediction_error(model, x0, batch["type_index"], None, abar, settings.prediction).mean()
 
 
 class _Noise:
-    """Per-image seeded noise: image i's draws depend on its seed only, not on the batch it is in."""
+    """Per-image seeded noise: image i's draws depend on its seed only, not on the batch it is in.
 
-    def __init__(self, seeds: Sequence[int], shape: tuple[int, ...]) -> None:
+    The draws are made on the CPU and then moved to ``device``, so they do not depend on the device.
+    """
+
+    def __init__(self, seeds: Sequence[int], shape: tuple[int, ...], device: torch.device) -> None:
         self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        self.shape = shape
+        self.shape, self.device = shape, device
 
     def __call__(self) -> torch.Tensor:
-        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators])
+        return torch.stack([torch.randn(self.shape, generator=g) for g in self.generators]).to(self.device)
 
 
 #: ``eps = model(x_t, t, types, masks)``: what :func:`ddim_sample` denoises with (a :class:`Denoiser`).
@@ -179,10 +182,11 @@ def ddim_sample(
     Each step predicts x̂0 (clipped to [-1, 1]) and steps from it. When blending, the state outside
     the mask is replaced by the good image noised to the step before the model sees it, and the
     result outside the mask is the good image itself. ``reweight`` (the attention processors'
-    state) receives the eq. 7 weight map from the previous step's x̂0.
+    state) receives the eq. 7 weight map from the previous step's x̂0. Runs on ``abar``'s device (all
+    tensors given must be there); the seeded noise is drawn on the CPU whatever the device.
     """
-    noise = _Noise(seeds, shape)
-    t_start = torch.full((len(seeds),), len(abar))
+    noise = _Noise(seeds, shape, abar.device)
+    t_start = torch.full((len(seeds),), len(abar), device=abar.device)
     trajectory = dm.ddim_timesteps(t_start, steps)
     x = noise()
     x0_hat: torch.Tensor | None = None

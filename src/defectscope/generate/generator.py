@@ -18,6 +18,10 @@ it the good image noised to that step; the model-size result is upsampled and co
 the full-resolution good image inside the full-resolution mask only, so every pixel outside the
 mask equals the good image exactly. With ``adaptive_attention`` the anomaly tokens' attention is
 re-weighted at every step (:mod:`~defectscope.generate.attention`).
+
+Both fitting and generation run on a torch ``device`` (``cpu`` or ``cuda``), a property of the run,
+not of the generator: the saved files are the same whatever the device, and the seeded noise of
+generation is drawn on the CPU, so a seed gives the same noise on every device.
 """
 
 from __future__ import annotations
@@ -37,13 +41,14 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .. import __version__
-from ..checkpoint import sha256_file, write_safetensors
+from ..checkpoint import sha256_file, write_hashed_pair
 from ..data import ImageDataset, Sample
+from ..devices import check_device
 from ..errors import DefectscopeError, ModelFileError
 from ..methods.model_file import check_tensors_finite, read_json
 from ..nn import diffusion as dm
 from ..nn.state import under_prefix, with_prefix
-from ..outputs import StagedFiles, json_text, make_folder
+from ..outputs import json_text, make_folder
 from ..progress import Log, quiet
 from ..training import CachedImages, Trainer, TrainingLog, shuffled_batches
 from .attention import install_reweighting
@@ -68,6 +73,11 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 TENSORS_FILE = "generator.safetensors"
 GENERATE_BATCH = 8  # images denoised together
+
+
+def _on(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch with its tensors on ``device`` (paths and other lists as they are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 # -- training data ---------------------------------------------------------------------------------
@@ -115,11 +125,12 @@ def _train(
     checkpoint_dir: Path | None,
     resume: bool,
     identity: dict[str, Any],
+    device: torch.device,
 ) -> tuple[TrainingLog, int]:
-    """Train the ``trainable`` part of ``model`` with the shared Trainer (log, optimiser steps).
+    """Train the ``trainable`` part of ``model`` (on ``device``) with the shared Trainer (log, optimiser steps).
 
     Only ``trainable`` is averaged and checkpointed (a frozen pretrained UNet is neither); at the end
-    it holds the averaged weights and ``model`` is ready to sample with.
+    it holds the averaged weights and ``model`` is ready to sample with. Batches move to ``device``.
     """
     optimizer = torch.optim.AdamW(trainable.parameters(), lr=settings.lr, weight_decay=0.0)
     modules: dict[str, nn.Module] = {name: trainable}
@@ -142,7 +153,7 @@ def _train(
     )
     log = trainer.run(
         lambda epoch: shuffled_batches(items, settings.batch_size, seed=settings.seed, epoch=epoch),
-        lambda batch: loss(batch, model),
+        lambda batch: loss(_on(batch, device), model),
     )
     steps = next((int(s["step"]) for s in optimizer.state.values() if "step" in s), 0)
     if ema is not None:
@@ -173,6 +184,7 @@ class DefectGenerator:
         *,
         pretrained: Path | None = None,
         latent: Any = None,
+        device: str | torch.device = "cpu",
     ) -> None:
         self.settings, self.defect_types = settings, list(defect_types)
         self.image_model, self.mask_model = image_model.eval(), mask_model.eval()
@@ -183,6 +195,18 @@ class DefectGenerator:
             settings.num_train_timesteps, settings.beta_start, settings.beta_end, settings.beta_schedule
         )
         self.reweighting = install_reweighting(self.image_model.unet, self.image_model.anomaly_slice)
+        self.device = torch.device("cpu")
+        self.to(device)
+
+    def to(self, device: str | torch.device) -> DefectGenerator:
+        """Generate on ``device`` (cpu, cuda, cuda:N); images in and out stay numpy arrays."""
+        self.device = check_device(device)
+        self.image_model.to(self.device)
+        self.mask_model.to(self.device)
+        self.abar = self.abar.to(self.device)
+        if self.latent is not None:
+            self.latent.to(self.device)
+        return self
 
     # -- generation -----------------------------------------------------------------------------------
     def type_index(self, defect_type: str) -> int:
@@ -232,16 +256,16 @@ class DefectGenerator:
         seeds: Sequence[int],
         reweight: bool,
     ) -> torch.Tensor:
-        """(B, 3, s, s) in [-1, 1]: generated content at model size (decoded from latents when pretrained)."""
+        """(B, 3, s, s) in [-1, 1] on the CPU: content generated at model size (decoded latents when pretrained)."""
         size = self.settings.image_size
-        good = torch.stack([image_tensor(g, size) for g in goods])
-        mask = torch.stack([covering_mask(m, size) for m in masks])
+        good = torch.stack([image_tensor(g, size) for g in goods]).to(self.device)
+        mask = torch.stack([covering_mask(m, size) for m in masks]).to(self.device)
         if self.latent is not None:
-            return self.latent.generate(self, good, mask, types, seeds, reweight)
+            return cast(torch.Tensor, self.latent.generate(self, good, mask, types, seeds, reweight)).cpu()
         return ddim_sample(
             self.image_model,
             self.abar,
-            torch.tensor(list(types)),
+            torch.tensor(list(types), device=self.device),
             seeds,
             tuple(good.shape[1:]),
             self.settings.sampling_steps,
@@ -250,7 +274,7 @@ class DefectGenerator:
             good=good,
             mask=mask,
             reweight=self.reweighting if reweight else None,
-        )
+        ).cpu()
 
     def generate_masks(self, defect_type: str, count: int, seed: int, size: int) -> list[np.ndarray]:
         """``count`` new mask probability maps of ``defect_type``: float32 (size, size) in [0, 1]."""
@@ -265,14 +289,14 @@ class DefectGenerator:
             x = ddim_sample(
                 self.mask_model,
                 self.abar,
-                torch.full((len(part),), index),
+                torch.full((len(part),), index, device=self.device),
                 part,
                 shape,
                 self.settings.sampling_steps,
                 prediction=self.settings.prediction,
                 eta=self.settings.eta,
             )
-            probs = F.interpolate((x + 1) / 2, size=(size, size), mode="bilinear", align_corners=False)
+            probs = F.interpolate((x + 1) / 2, size=(size, size), mode="bilinear", align_corners=False).cpu()
             out.extend(p[0].clamp(0, 1).numpy().astype(np.float32) for p in probs)
         return out
 
@@ -301,15 +325,12 @@ class DefectGenerator:
             "tensors_sha256": "",
         }
         make_folder(folder, "the generator")
-        with StagedFiles() as staged:
-            tmp = staged.stage_with(folder / TENSORS_FILE, lambda path: write_safetensors(tensors, path))
-            config["tensors_sha256"] = sha256_file(tmp)
-            staged.stage(folder / CONFIG_FILE, json_text(config))
-            staged.commit()
+        write_hashed_pair(folder, TENSORS_FILE, tensors, CONFIG_FILE, config, json_text)
 
     @classmethod
-    def load(cls, folder: Path) -> DefectGenerator:
-        """Rebuild a generator from its folder; a ModelFileError naming the file for anything missing or wrong."""
+    def load(cls, folder: Path, device: str | torch.device = "cpu") -> DefectGenerator:
+        """Rebuild a generator from its folder, on ``device``; a ModelFileError naming the file for anything wrong."""
+        device = check_device(device)
         folder = Path(folder)
         config_path, tensors_path = folder / CONFIG_FILE, folder / TENSORS_FILE
         if not folder.is_dir():
@@ -350,7 +371,16 @@ class DefectGenerator:
             message = " ".join(str(exc).split())[:300]
             raise ModelFileError(f"{tensors_path}: tensors do not fit the generator config ({message})") from None
         pretrained = Path(config["pretrained"]) if latent is not None else None
-        return cls(settings, types_, image_model, mask_model, config["fit_info"], pretrained=pretrained, latent=latent)
+        return cls(
+            settings,
+            types_,
+            image_model,
+            mask_model,
+            config["fit_info"],
+            pretrained=pretrained,
+            latent=latent,
+            device=device,
+        )
 
 
 def _check_config(config: Any, path: Path) -> None:
@@ -400,11 +430,14 @@ def fit_generator(
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     log: Log = quiet,
+    device: str | torch.device = "cpu",
 ) -> DefectGenerator:
     """Fit the image model and the mask model on good images and labelled defects per type (kept in the given order).
 
     From a ``pretrained`` folder only the defects are learnt from (the paper): ``good`` is not used.
+    The models train on ``device`` (networks are initialised on the CPU first) and the generator stays there.
     """
+    device = check_device(device)
     if not defects:
         raise DefectscopeError("fit_generator needs at least one defect type with labelled defects")
     empty = [name for name, examples in defects.items() if not examples]
@@ -421,7 +454,7 @@ def fit_generator(
     identity = {"settings": settings.to_dict(), "defects": counts, "good": len(good), "pretrained": str(pretrained)}
     abar = dm.alphas_cumprod(
         settings.num_train_timesteps, settings.beta_start, settings.beta_end, settings.beta_schedule
-    )
+    ).to(device)
     defect_samples, type_index = _defect_samples(defects)
     info: dict[str, Any] = {"good_images": len(good), "defects": counts}
 
@@ -429,15 +462,15 @@ def fit_generator(
     if pretrained is not None:
         from .pretrained import PretrainedLatent
 
-        latent = PretrainedLatent.load(Path(pretrained), settings)
+        latent = PretrainedLatent.load(Path(pretrained), settings).to(device)
         settings = latent.settings
-        image_model = _image_denoiser(settings, len(types_), latent.unet, latent.prefix)
+        image_model = _image_denoiser(settings, len(types_), latent.unet, latent.prefix).to(device)
         trainable: nn.Module = image_model.tokens
         image_items = _TypedItems(None, _cache(defect_samples, settings.image_size), type_index, 1)
         image_step = latent.loss
     else:
         unet = build_unet(settings, 3, settings.image_size, settings.block_channels)
-        image_model = trainable = _image_denoiser(settings, len(types_), unet)
+        image_model = trainable = _image_denoiser(settings, len(types_), unet).to(device)
         goods = _cache([Sample(Path(p), 0, "good", None, "") for p in good], settings.image_size)
         repeats = defect_repeats(len(goods), len(defect_samples), settings.defect_share)
         image_items = _TypedItems(goods, _cache(defect_samples, settings.image_size), type_index, repeats)
@@ -458,12 +491,13 @@ def fit_generator(
         checkpoint_dir,
         resume,
         identity,
+        device,
     )
     info["image"] = dataclasses.asdict(image_log) | {"steps": image_steps}
 
     log(f"training the mask model on the masks of {len(types_)} defect types")
     mask_unet = build_unet(settings, 1, settings.mask_size, settings.mask_block_channels)
-    mask_model = _mask_denoiser(settings, len(types_), mask_unet)
+    mask_model = _mask_denoiser(settings, len(types_), mask_unet).to(device)
     mask_items = _TypedItems(None, _cache(defect_samples, settings.mask_size), type_index, 1)
     mask_log, mask_steps = _train(
         "mask",
@@ -477,10 +511,18 @@ def fit_generator(
         checkpoint_dir,
         resume,
         identity,
+        device,
     )
     info["mask"] = dataclasses.asdict(mask_log) | {"steps": mask_steps}
     info["seconds"] = round(time.monotonic() - started, 1)
     log(f"fitted the generator in {info['seconds']:.0f} s ({image_steps} image steps, {mask_steps} mask steps)")
     return DefectGenerator(
-        settings, types_, image_model, mask_model, json.loads(json.dumps(info)), pretrained=pretrained, latent=latent
+        settings,
+        types_,
+        image_model,
+        mask_model,
+        json.loads(json.dumps(info)),
+        pretrained=pretrained,
+        latent=latent,
+        device=device,
     )

@@ -137,6 +137,14 @@ class PretrainedLatent:
             raise DefectscopeError(f"{folder}: image_size {settings.image_size} must be divisible by {step}")
         return latent
 
+    def to(self, device: torch.device) -> PretrainedLatent:
+        """Move the frozen UNet, the VAE, the prompt, the noise schedule and the cached latents to ``device``."""
+        self.unet.to(device)
+        self.vae.to(device)
+        self.prefix, self.abar = self.prefix.to(device), self.abar.to(device)
+        self._latents = {path: z.to(device) for path, z in self._latents.items()}
+        return self
+
     @property
     def latent_size(self) -> int:
         return self.settings.image_size // self.factor
@@ -183,7 +191,7 @@ class PretrainedLatent:
         z = ddim_sample(
             generator.image_model,
             self.abar,
-            torch.tensor(list(types)),
+            torch.tensor(list(types), device=z_good.device),
             seeds,
             tuple(z_good.shape[1:]),
             generator.settings.sampling_steps,

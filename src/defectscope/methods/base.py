@@ -23,6 +23,7 @@ import torch
 from ..data import ImageDataset, Sample
 from ..data.dataset import Batch
 from ..data.sources import training_samples
+from ..devices import check_device
 from ..errors import DefectscopeError, NotExportable
 from ..geometry import Geometry
 from ..geometry.inspect import Inspected, inspect_samples
@@ -160,15 +161,7 @@ class Detector(ABC, metaclass=_CheckedParams):
 
     def to(self, device: str | torch.device) -> Self:
         """Run on ``device`` ("cpu", "cuda", "cuda:1", ...); inputs and outputs stay on the CPU."""
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError, ValueError):
-            raise DefectscopeError(f"device {device!r}: not a torch device; use cpu, cuda or cuda:N") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise DefectscopeError(f"device {device}: no CUDA GPU is available to torch here; use --device cpu")
-        if device.type not in ("cpu", "cuda"):
-            raise DefectscopeError(f"device {device}: only cpu and cuda are supported")
-        self.device = device
+        self.device = device = check_device(device)
         for module in self._modules().values():
             if module is not None:
                 module.to(device)

@@ -37,7 +37,7 @@ import torch
 from safetensors import SafetensorError
 
 from .. import __version__
-from ..checkpoint import sha256_file, write_safetensors
+from ..checkpoint import sha256_file, write_hashed_pair
 from ..errors import DefectscopeError, ModelFileError
 from ..geometry import Geometry
 from ..outputs import StagedFiles, json_safe, make_folder
@@ -98,11 +98,7 @@ def save_model(detector: Detector, folder: str | os.PathLike) -> Path:
     validate_config(config, where)
     check_tensors_finite(tensors, where)
     make_folder(folder, "the model")
-    with StagedFiles() as staged:
-        tmp_tensors = staged.stage_with(folder / TENSORS_FILE, lambda tmp: write_safetensors(tensors, tmp))
-        config["tensors_sha256"] = sha256_file(tmp_tensors)
-        staged.stage(folder / CONFIG_FILE, _config_text(config))
-        staged.commit()
+    write_hashed_pair(folder, TENSORS_FILE, tensors, CONFIG_FILE, config, _config_text)
     return folder
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -24,6 +25,7 @@ from .. import __version__
 from ..data.image_io import image_header_size, load_mask, mask_to_tensor, read_image, resize_uint8
 from ..data.layouts import image_files
 from ..data.sources import resolve_category, training_samples
+from ..devices import check_device
 from ..errors import DataError, DefectscopeError, OutputError
 from ..generate.defects import DefectExample, defect_examples, first_examples
 from ..generate.generator import DefectGenerator, fit_generator
@@ -37,6 +39,8 @@ from ..progress import Log, progress_enabled, quiet
 TEXTURES = frozenset({"carpet", "grid", "leather", "tile", "wood", "magnetic_tile"})
 #: How many mask samples may be drawn per accepted mask before ``--new-masks`` gives up.
 MASK_ATTEMPTS = 20
+#: ... and it gives up at once when none of the first this many passed (a mask model that draws only empty masks).
+FIRST_DRAWS = 32
 BATCH = 8
 #: Largest share of one image side a generated mask may cover (the official sampler's third).
 BORDER_SHARE = 1 / 3
@@ -82,6 +86,7 @@ def generate_fit_run(
     adaptive_attention: bool | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    device: str | torch.device = "cpu",
     log: Log = quiet,
 ) -> GenerateFitResult:
     """Learn a generator for every defect type of the category ``data`` and save it to ``out``.
@@ -90,8 +95,10 @@ def generate_fit_run(
     the first ``labelled_defects`` per type) or else from the category's own test split: the
     first ``labelled_defects`` per type (sorted by file name), by default the first third, as in
     the paper's protocol. ``adaptive_attention`` (eq. 7 at generation) None means on for
-    textures (:data:`TEXTURES`) and off for objects, as the paper recommends.
+    textures (:data:`TEXTURES`) and off for objects, as the paper recommends. Training runs on
+    ``device``; the generator saved is the same whatever the device.
     """
+    device = check_device(device)
     source = resolve_category(data, category)
     good = [s.path for s in training_samples(source)]
     if defects_from is not None:
@@ -118,6 +125,7 @@ def generate_fit_run(
         checkpoint_dir=folder / "checkpoint",
         resume=resume,
         log=log,
+        device=device,
     )
     generator.fit_info["source"] = _source_record(source, len(good), defects, origin)
     generator.save(folder)
@@ -194,7 +202,7 @@ def _new_masks(
     accepted, drawn, round_ = 0, 0, 0
     border = border_rule(generator, name, size)
     while accepted < count:
-        if drawn >= MASK_ATTEMPTS * count:
+        if drawn >= MASK_ATTEMPTS * count or (drawn >= FIRST_DRAWS and not accepted):
             reasons = ", ".join(f"{why}: {n}" for why, n in sorted(rejected.items())) or "none"
             raise DefectscopeError(
                 f"{name}: only {accepted} of {drawn} generated masks passed the filter (rejected: {reasons}); "
@@ -230,6 +238,7 @@ def generate_sample_run(
     seed: int = 0,
     adaptive_attention: bool | None = None,
     command_line: str = "",
+    device: str | torch.device = "cpu",
     log: Log = quiet,
 ) -> GenerateSampleResult:
     """Write ``count`` generated defect images per type, each with its exact mask, in MVTec layout.
@@ -237,13 +246,13 @@ def generate_sample_run(
     Good images (``good``, default the learnt category's ``train/good``) are used round-robin;
     masks come from ``masks`` (used round-robin per type) or, by default, from the generator's
     mask model (thresholded and filtered). Pixels outside a mask equal the resized good image;
-    that is checked for every pair before it is written.
+    that is checked for every pair before it is written. The generator runs on ``device``.
     """
     if count < 1:
         raise DefectscopeError(f"--count must be at least 1, got {count}")
     if image_size < 8:
         raise DefectscopeError(f"--image-size must be at least 8 pixels, got {image_size}")
-    generator = DefectGenerator.load(Path(generator_dir))
+    generator = DefectGenerator.load(Path(generator_dir), device=device)
     names = list(types) if types else list(generator.defect_types)
     unknown = [n for n in names if n not in generator.defect_types]
     if unknown:

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ..devices import check_device
 from ..errors import DataError, DefectscopeError
 from ..generate.contact_sheet import contact_sheet
 from ..generate.generator import DefectGenerator
@@ -79,14 +82,16 @@ def generate_evaluate_run(
     json_out: str | os.PathLike[str] | None = None,
     sheet: str | os.PathLike[str] | None = None,
     seed: int = 0,
+    device: str | torch.device = "cpu",
     log: Log = quiet,
 ) -> GenerateEvaluation:
     """Evaluate the generated folder ``target`` (or sample ``count`` per type from the generator ``target``).
 
     Metrics are written to ``json_out`` (default ``OUT/generation_metrics.json``) and a contact
     sheet of the real defects each type learnt from beside generated pairs to ``sheet`` (default
-    ``OUT/contact_sheet.html``).
+    ``OUT/contact_sheet.html``). Sampling and the feature networks of the metrics run on ``device``.
     """
+    device = check_device(device)
     folder = Path(target).expanduser()
     if not (folder / MANIFEST).is_file() and (folder / "config.json").is_file():
         samples = folder / "evaluation"
@@ -94,7 +99,7 @@ def generate_evaluate_run(
             log(f"evaluating the pairs sampled earlier into {samples}")
         else:
             log(f"sampling {count} images per defect type into {samples}")
-            generate_sample_run(folder, count, samples, image_size=image_size, seed=seed, log=log)
+            generate_sample_run(folder, count, samples, image_size=image_size, seed=seed, device=device, log=log)
         folder = samples
     manifest = read_manifest(folder)
     generator = DefectGenerator.load(Path(manifest["generator"]))
@@ -102,7 +107,7 @@ def generate_evaluate_run(
     real_dir = Path(real) if real is not None else Path(source.get("category", ""))
     if not real_dir.is_dir():
         raise DefectscopeError(f"{real_dir}: the real defects' category is not there; pass --real DIR")
-    metrics = evaluate_generated(folder, real_dir, image_size=image_size)
+    metrics = evaluate_generated(folder, real_dir, image_size=image_size, device=device)
     json_path = Path(json_out) if json_out is not None else folder / "generation_metrics.json"
     atomic_write_json(json_path, metrics)
     groups = {}
