@@ -333,12 +333,7 @@ class DefectGenerator:
         device = check_device(device)
         folder = Path(folder)
         config_path, tensors_path = folder / CONFIG_FILE, folder / TENSORS_FILE
-        if not folder.is_dir():
-            raise ModelFileError(f"{folder}: no such generator folder")
-        if not config_path.is_file():
-            raise ModelFileError(f"{config_path}: missing; is {folder} a folder written by DefectGenerator.save?")
-        config = read_json(config_path)
-        _check_config(config, config_path)
+        config = read_config(folder)
         if not tensors_path.is_file():
             raise ModelFileError(f"{tensors_path}: missing")
         if sha256_file(tensors_path) != config["tensors_sha256"]:
@@ -381,6 +376,19 @@ class DefectGenerator:
             latent=latent,
             device=device,
         )
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """A generator folder's checked ``config.json`` (settings, types, fit_info) without building its models."""
+    folder = Path(folder)
+    config_path = folder / CONFIG_FILE
+    if not folder.is_dir():
+        raise ModelFileError(f"{folder}: no such generator folder")
+    if not config_path.is_file():
+        raise ModelFileError(f"{config_path}: missing; is {folder} a folder written by DefectGenerator.save?")
+    config = read_json(config_path)
+    _check_config(config, config_path)
+    return cast(dict[str, Any], config)
 
 
 def _check_config(config: Any, path: Path) -> None:

@@ -52,11 +52,10 @@ class GeneratedPair:
     defect_type: str
 
 
-def generated_pairs(out_dir: str | os.PathLike[str]) -> list[GeneratedPair]:
-    """The pairs listed in ``out_dir/generated.json``, in manifest order; a DataError when it is unusable.
+def read_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``generated.json`` of a folder written by ``generate sample``; a DataError when it is unusable.
 
-    Image and mask paths must be relative and stay inside ``out_dir``; a manifest marked
-    ``"complete": false`` (an interrupted sampling run) is refused.
+    A manifest marked ``"complete": false`` (an interrupted sampling run) is refused.
     """
     folder = Path(out_dir)
     path = folder / MANIFEST
@@ -70,7 +69,17 @@ def generated_pairs(out_dir: str | os.PathLike[str]) -> list[GeneratedPair]:
         raise DataError(f"{path}: not a generated-defects manifest (expected format {MANIFEST_FORMAT})")
     if manifest.get("complete") is False:
         raise DataError(f"{path}: the sampling run that wrote this folder did not finish")
-    entries = manifest.get("pairs")
+    return manifest
+
+
+def generated_pairs(out_dir: str | os.PathLike[str]) -> list[GeneratedPair]:
+    """The pairs listed in ``out_dir/generated.json``, in manifest order; a DataError when it is unusable.
+
+    Image and mask paths must be relative and stay inside ``out_dir`` (see :func:`read_manifest`).
+    """
+    folder = Path(out_dir)
+    path = folder / MANIFEST
+    entries = read_manifest(folder).get("pairs")
     if not isinstance(entries, list) or not entries:
         raise DataError(f"{path}: lists no generated pairs")
     pairs = []

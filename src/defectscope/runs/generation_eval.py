@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,10 +10,10 @@ from typing import Any
 import torch
 
 from ..devices import check_device
-from ..errors import DataError, DefectscopeError
+from ..errors import DefectscopeError
 from ..generate.contact_sheet import contact_sheet
-from ..generate.generator import DefectGenerator
-from ..generate.metrics import MANIFEST, MANIFEST_FORMAT, evaluate_generated
+from ..generate.generator import read_config
+from ..generate.metrics import MANIFEST, evaluate_generated, generated_pairs, read_manifest
 from ..outputs import atomic_write_json
 from ..progress import Log, quiet
 from .generation import generate_sample_run
@@ -31,24 +30,6 @@ class GenerateEvaluation:
     json_path: Path
     sheet_path: Path
     table: str
-
-
-def read_manifest(folder: Path) -> dict[str, Any]:
-    """The ``generated.json`` of a folder written by ``generate sample`` (a DataError otherwise)."""
-    path = folder / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(
-            f"{folder}: no {MANIFEST}; expected a folder written by `defectscope generate sample`"
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable manifest ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise DataError(f"{path}: not a defectscope generated-pairs manifest (format {MANIFEST_FORMAT})")
-    if not manifest.get("complete"):
-        raise DataError(f"{path}: the sampling run that wrote this folder did not finish; sample it again")
-    return manifest
 
 
 def _number(value: Any, spec: str) -> str:
@@ -102,17 +83,17 @@ def generate_evaluate_run(
             generate_sample_run(folder, count, samples, image_size=image_size, seed=seed, device=device, log=log)
         folder = samples
     manifest = read_manifest(folder)
-    generator = DefectGenerator.load(Path(manifest["generator"]))
-    source = generator.fit_info.get("source", {})
+    source = read_config(Path(manifest["generator"]))["fit_info"].get("source", {})
     real_dir = Path(real) if real is not None else Path(source.get("category", ""))
     if not real_dir.is_dir():
         raise DefectscopeError(f"{real_dir}: the real defects' category is not there; pass --real DIR")
     metrics = evaluate_generated(folder, real_dir, image_size=image_size, device=device)
     json_path = Path(json_out) if json_out is not None else folder / "generation_metrics.json"
     atomic_write_json(json_path, metrics)
+    generated = generated_pairs(folder)
     groups = {}
     for name, learnt in source.get("defects", {}).items():
-        pairs = [(folder / p["image"], folder / p["mask"]) for p in manifest["pairs"] if p["defect_type"] == name]
+        pairs = [(p.image, p.mask) for p in generated if p.defect_type == name]
         if pairs:
             groups[name] = ([(Path(e["image"]), Path(e["mask"])) for e in learnt], pairs[:SHEET_PAIRS])
     sheet_path = Path(sheet) if sheet is not None else folder / "contact_sheet.html"
