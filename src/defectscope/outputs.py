@@ -214,6 +214,12 @@ def _writable_dir(folder: Path, what: str) -> None:
         raise OutputError(f"{folder}: cannot write {what} there ({_describe(exc)})") from None
 
 
+def require_empty_folder(folder: Path) -> None:
+    """``folder`` must be missing or an empty folder: an output that never mixes with earlier files."""
+    if folder.exists() and not (folder.is_dir() and not any(folder.iterdir())):
+        raise OutputError(f"{folder}: output folder exists and is not empty; choose another --out or remove it")
+
+
 def prepare_output_dir(
     folder: str | os.PathLike[str],
     *,

@@ -32,7 +32,7 @@ from ..generate.generator import DefectGenerator, fit_generator
 from ..generate.mask_filter import accept_mask
 from ..generate.metrics import MANIFEST, MANIFEST_FORMAT
 from ..generate.settings import GeneratorSettings
-from ..outputs import atomic_save_image, atomic_write, atomic_write_json, prepare_output_dir
+from ..outputs import atomic_save_image, atomic_write, atomic_write_json, prepare_output_dir, require_empty_folder
 from ..progress import Log, progress_enabled, quiet
 
 #: Categories treated as textures (adaptive attention on by default): MVTec AD's textures and MTD.
@@ -221,11 +221,6 @@ def _new_masks(
         round_ += 1
 
 
-def _check_empty(folder: Path) -> None:
-    if folder.exists() and any(folder.iterdir()):
-        raise OutputError(f"{folder}: output folder exists and is not empty; choose another --out or remove it")
-
-
 def generate_sample_run(
     generator_dir: str | os.PathLike[str],
     count: int,
@@ -263,8 +258,8 @@ def generate_sample_run(
     given = _given_masks(masks, names) if masks is not None else None
     root = Path(out).expanduser()
     for name in names:
-        _check_empty(root / "test" / name)
-        _check_empty(root / "ground_truth" / name)
+        require_empty_folder(root / "test" / name)
+        require_empty_folder(root / "ground_truth" / name)
     manifest_path = root / MANIFEST
     if manifest_path.exists():
         raise OutputError(f"{manifest_path}: already exists; choose another --out (generated pairs are never mixed)")

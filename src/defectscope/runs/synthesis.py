@@ -16,7 +16,7 @@ from ..data import ImageDataset, Sample, iterate_batches
 from ..data.sources import labelled_samples, resolve_category, training_samples
 from ..data.synth import PerlinTexture, SynthDataset, Synthesizer, make_synthesizer
 from ..errors import DefectscopeError
-from ..outputs import atomic_save_image, atomic_write
+from ..outputs import atomic_save_image, atomic_write, require_empty_folder
 from ..progress import Log, quiet
 
 
@@ -46,10 +46,6 @@ class SynthResult:
     category: Path
     unchanged: int  # images that came out without any changed pixel (empty mask)
     readme: Path
-
-
-def _empty_or_missing(folder: Path) -> bool:
-    return not folder.exists() or (folder.is_dir() and not any(folder.iterdir()))
 
 
 def _defect_pairs(
@@ -132,10 +128,7 @@ def synth_run(
     root = Path(out).expanduser()
     image_dir, mask_dir = root / "test" / kind, root / "ground_truth" / kind
     for folder in (image_dir, mask_dir):
-        if not _empty_or_missing(folder):
-            raise DefectscopeError(
-                f"{folder}: output folder exists and is not empty; choose another --out or remove it"
-            )
+        require_empty_folder(folder)
     source = resolve_category(data, category)
     good = training_samples(source)
     synthesizer, source_lines = _synthesizer(kind, textures, defects, category, defect_images, image_size)
