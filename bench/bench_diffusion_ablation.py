@@ -6,7 +6,9 @@ image-score pooling, the pixel share) are computed from those reconstructions. T
 step and the conditioning weight are varied, each a new reconstruction of the test split. No
 retraining: fit the run first, e.g.
 
-    defectscope fit ../shared/datasets/mtd/magnetic_tile --method ddad --out /tmp/ddad_mtd --set time_budget=300
+    defectscope fit ../shared/datasets/mtd/magnetic_tile --method ddad --out /tmp/ddad_mtd --set time_budget=300 \
+        --set space=pixel --set prediction=epsilon --set image_size=64 --set unet=small --set blur_sigma=1 \
+        --set 'layers=["s4","s8"]' --set ema_decay=0.999 --set batch_size=16
     python bench/bench_diffusion_ablation.py /tmp/ddad_mtd ../shared/datasets/mtd/magnetic_tile
 
 Writes ``bench/results/diffusion_ablation_<run name>.json``.
@@ -52,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     det = load(args.run)
     if not isinstance(det, DDAD):
         raise SystemExit(f"{args.run}: a {det.name} run; this bench takes a DDAD run")
+    if det.space != "pixel":
+        raise SystemExit(f"{args.run}: a feature-space DDAD; this bench takes a pixel-space one (--set space=pixel)")
     samples = mvtec_samples(args.data, "test")
     labels = np.array([s.label for s in samples])
     batches = list(iterate_batches(ImageDataset(samples, det.image_size), 32))

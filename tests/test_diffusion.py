@@ -1,5 +1,6 @@
 """DDAD and GLAD: the diffusion formulas on known tensors, the adaptive choices, and tiny end-to-end runs."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from defectscope import load
 from defectscope.data import ImageDataset, iterate_batches, mvtec_samples
 from defectscope.errors import DefectscopeError
 from defectscope.methods.ddad import DDAD
+from defectscope.methods.feature_space import feature_stats, grid_features, standardise
 from defectscope.methods.glad import GLAD
 from defectscope.nn import diffusion as dm
 from defectscope.postprocess import gaussian_blur
@@ -17,6 +19,7 @@ from defectscope.postprocess import gaussian_blur
 pytest.importorskip("diffusers", reason="diffusers is not installed (pip install defectscope[diffusion])")
 
 TINY = {"image_size": 32, "unet": "tiny", "epochs": 2, "steps": 3, "batch_size": 4, "time_budget": None}
+PIXEL = TINY | {"space": "pixel", "prediction": "epsilon", "layers": ("s4", "s8"), "blur_sigma": 1.0}
 
 
 def _oracle(x0: torch.Tensor, abar: torch.Tensor) -> dm.NoiseModel:
@@ -42,12 +45,12 @@ def test_batch(example_root: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def ddad(example_root: Path) -> DDAD:
-    return DDAD(**TINY, da_epochs=1, da_images=4).fit(mvtec_samples(example_root, "train")[:9])
+    return DDAD(**PIXEL, da_epochs=1, da_images=4).fit(mvtec_samples(example_root, "train")[:9])
 
 
 @pytest.fixture(scope="module")
 def glad(example_root: Path) -> GLAD:
-    return GLAD(**TINY).fit(mvtec_samples(example_root, "train")[:9])
+    return GLAD(**PIXEL, da_epochs=1, da_images=4).fit(mvtec_samples(example_root, "train")[:9])
 
 
 # -- formulas ------------------------------------------------------------------------------------
@@ -220,16 +223,25 @@ def test_reconstructions_and_batch_independent_scores(
     assert det.fit_info["train_steps"] == 4
 
 
-def test_ddad_adapts_its_feature_extractor_and_keeps_it(ddad: DDAD, tmp_path: Path) -> None:
-    assert ddad.fit_info["domain_adaptation"]["images"] == 4
+@pytest.mark.parametrize("name", ["ddad", "glad"])
+def test_the_feature_extractor_is_domain_adapted_and_kept(
+    name: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    det = request.getfixturevalue(name)
+    assert det.fit_info["domain_adaptation"]["images"] == 4
     changed = [
         not torch.equal(a, b)
-        for a, b in zip(ddad.feature_extractor.state_dict().values(), ddad.extractor.state_dict().values())
+        for a, b in zip(det.feature_extractor.state_dict().values(), det.extractor.state_dict().values())
     ]
     assert any(changed)
-    loaded = load(ddad.save(tmp_path / "ddad"))
-    for key, value in ddad.feature_extractor.state_dict().items():
+    loaded = load(det.save(tmp_path / name))
+    for key, value in det.feature_extractor.state_dict().items():
         assert torch.equal(loaded.feature_extractor.state_dict()[key], value), key
+
+
+def test_glad_adapts_on_its_own_reconstructions(glad: GLAD, test_batch: dict) -> None:
+    images = test_batch["image"]
+    torch.testing.assert_close(glad._adaptation_reconstruction(images), glad.reconstruct(images))
 
 
 def test_baseline_is_plain_ddim_with_the_pixel_distance(
@@ -271,7 +283,7 @@ def test_glad_accepts_a_pretrained_unet_and_autoencoder(example_root: Path, tmp_
     vae.save_pretrained(tmp_path / "vae")
     unet = dm.build_unet("tiny", 16, channels=4)
     unet.save_pretrained(tmp_path / "unet")
-    det = GLAD(**TINY | {"epochs": 1}, pretrained_unet=str(tmp_path / "unet"), pretrained_vae=str(tmp_path / "vae"))
+    det = GLAD(**PIXEL | {"epochs": 1}, pretrained_unet=str(tmp_path / "unet"), pretrained_vae=str(tmp_path / "vae"))
     det.fit(mvtec_samples(example_root, "train")[:5])
     images = torch.rand(2, 3, 32, 32)
     pred = det.predict(images)
@@ -279,4 +291,90 @@ def test_glad_accepts_a_pretrained_unet_and_autoencoder(example_root: Path, tmp_
     loaded = load(det.save(tmp_path / "run"))
     torch.testing.assert_close(loaded.predict(images).scores, pred.scores)
     with pytest.raises(DefectscopeError, match="channels"):
-        GLAD(**TINY, pretrained_unet=str(tmp_path / "unet")).fit(mvtec_samples(example_root, "train")[:3])
+        GLAD(**PIXEL, pretrained_unet=str(tmp_path / "unet")).fit(mvtec_samples(example_root, "train")[:3])
+
+
+# -- feature space (the CPU default) ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def feature_ddad(example_root: Path) -> DDAD:
+    return DDAD(**TINY).fit(mvtec_samples(example_root, "train")[:9])
+
+
+def test_sample_prediction_converts_to_the_noise_that_leads_to_it(abar: torch.Tensor) -> None:
+    x0 = torch.rand(2, 5, 4, 4) * 2 - 1
+
+    class Clean(torch.nn.Module):  # a "UNet" whose clean-sample prediction is always x0
+        def forward(self, x: torch.Tensor, t: torch.Tensor) -> object:
+            return type("Out", (), {"sample": x0})()
+
+    model = dm.sample_noise_model(Clean(), abar)
+    noise = torch.randn_like(x0)
+    t = torch.tensor([100, 400])
+    torch.testing.assert_close(model(dm.add_noise(x0, noise, dm.gather_abar(abar, t)), t), noise, atol=1e-4, rtol=1e-4)
+    out = dm.ddim_denoise(model, x0 + 0.3, 300, 5, abar)  # every step predicts x0: DDIM ends there
+    torch.testing.assert_close(out, x0, atol=1e-4, rtol=1e-4)
+    a = dm.gather_abar(abar, t)
+    zeros = torch.zeros(2, 1, 1, 1)
+    weight = dm.prediction_loss(torch.ones(2, 1, 1, 1), zeros, zeros, a, "sample")
+    torch.testing.assert_close(weight, (a / (1 - a)).clamp(max=5))
+    assert weight[0].item() == 5.0  # high signal-to-noise steps are capped
+
+
+def test_feature_statistics_standardise_the_training_features(feature_ddad: DDAD, example_root: Path) -> None:
+    images = next(iterate_batches(ImageDataset(mvtec_samples(example_root, "train")[:9], 32), 9))["image"]
+    assert feature_ddad.to_model_space(images).shape == (9, 40 + 112, 4, 4)  # s8 + s16 on the s8 grid of 32 px
+    extractor = feature_ddad.extractor
+    stats = feature_stats(extractor, [images[:4], images[4:]])  # accumulated over batches
+    y = standardise(grid_features(extractor, images), stats)
+    torch.testing.assert_close(y.mean((0, 2, 3)), torch.zeros(152), atol=1e-4, rtol=0)
+    torch.testing.assert_close(y.std((0, 2, 3)), torch.ones(152), atol=1e-3, rtol=0)
+
+
+def test_feature_space_maps_scores_and_round_trip(feature_ddad: DDAD, test_batch: dict, tmp_path: Path) -> None:
+    pred = feature_ddad.predict(test_batch)
+    assert pred.maps.shape == (4, 32, 32) and pred.reconstructions is None
+    assert torch.isfinite(pred.scores).all() and (pred.maps >= 0).all()
+    y = feature_ddad.to_model_space(test_batch["image"])
+    recon = feature_ddad._denoise(y, test_batch["image"])
+    distance = 1 - torch.nn.functional.cosine_similarity(y, recon, dim=1)
+    assert not torch.allclose(recon, y)  # the UNet changed the features
+    expected = gaussian_blur(
+        torch.nn.functional.interpolate(distance[:, None], size=(32, 32), mode="bilinear")[:, 0],
+        feature_ddad.blur_sigma,
+    )
+    torch.testing.assert_close(pred.maps, expected, atol=1e-5, rtol=1e-4)
+    alone = feature_ddad.predict(test_batch["image"][1:2])
+    torch.testing.assert_close(alone.scores, pred.scores[1:2], atol=1e-5, rtol=1e-5)
+    loaded = load(feature_ddad.save(tmp_path / "ddad"))
+    torch.testing.assert_close(loaded.predict(test_batch).scores, pred.scores)
+    assert "domain_adaptation" not in feature_ddad.fit_info  # nothing to adapt: no image reconstructions
+    with pytest.raises(DefectscopeError, match="reconstructs backbone features, not images"):
+        feature_ddad.reconstruct(test_batch["image"])
+
+
+def test_feature_space_glad_trains_on_synthetic_anomalies_and_scores(example_root: Path, test_batch: dict) -> None:
+    glad = GLAD(**TINY).fit(mvtec_samples(example_root, "train")[:9])
+    steps = glad.adaptive_steps(test_batch["image"])
+    assert ((steps >= glad.step_range[0]) & (steps <= glad.step_range[1])).all()
+    pred = glad.predict(test_batch)
+    assert pred.maps.shape == (4, 32, 32) and torch.isfinite(pred.scores).all()
+    with pytest.raises(DefectscopeError, match="space='pixel'"):
+        GLAD(pretrained_vae="somewhere")
+
+
+@pytest.mark.parametrize("name", ["ddad", "glad"])
+def test_models_saved_before_the_feature_space_load_as_pixel_models(
+    name: str, request: pytest.FixtureRequest, tmp_path: Path, test_batch: dict
+) -> None:
+    det = request.getfixturevalue(name)
+    folder = det.save(tmp_path / name)
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("space", "prediction") + (("da_epochs", "da_images", "da_lambda", "da_lr") if name == "glad" else ()):
+        del config["params"][key]
+    (folder / "config.json").write_text(json.dumps(config))
+    old = load(folder)
+    assert (old.space, old.prediction) == ("pixel", "epsilon")
+    if name == "ddad":
+        torch.testing.assert_close(old.predict(test_batch).scores, det.predict(test_batch).scores)
+    else:
+        assert old.da_epochs == 0

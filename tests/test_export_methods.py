@@ -98,7 +98,9 @@ def test_onnx_graph_agrees_with_torch(name: str, fitted: Callable[[str], Detecto
     scale = ours.scores.abs().clamp_min(abs(threshold))
     assert ((scores - ours.scores).abs() / scale).max() <= SCORE_RTOL
     assert (maps - ours.maps).abs().max() / abs(threshold) <= MAP_ATOL
-    assert torch.equal(scores > threshold, ours.scores > threshold)
+    # the same verdicts, except where a score lies within the score tolerance of the threshold
+    decided = (ours.scores - threshold).abs() > SCORE_RTOL * scale
+    assert torch.equal((scores > threshold)[decided], (ours.scores > threshold)[decided])
     assert ours.scores.std() > 0  # a fitted model, not a constant one
     (single,) = session.run(["scores"], {"images": images[:1].numpy()})
     np.testing.assert_allclose(single, scores[:1].numpy(), rtol=1e-5, atol=1e-6 * abs(threshold))

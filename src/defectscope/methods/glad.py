@@ -20,15 +20,22 @@ Three ideas on top of a DDIM reconstruction:
   rises from 0 to 1 between two quantiles (``fusion_quantiles``) of that map on good images;
   normal regions keep the input's detail and abnormal ones take the reconstruction.
 
-On mtd at 64 px, a pixel-space probe hardly separated defective from good images (image AUROC
-about 0.5) while the feature-space one did (about 0.62), hence the default.
-
-The paper fine-tunes a pretrained latent diffusion model. No such weights are assumed here: by
-default GLAD trains the same from-scratch pixel-space DDPM as DDAD. ``pretrained_unet`` (a
-diffusers ``UNet2DModel`` folder) starts from pretrained weights instead, and ``pretrained_vae``
-(an ``AutoencoderKL`` or ``VQModel`` folder) moves the diffusion into that autoencoder's latent
-space; the autoencoder stays frozen and is read from its folder again when the model is loaded.
-The anomaly map is DDAD's pixel + feature map of the input and its reconstruction.
+The paper fine-tunes a pretrained latent diffusion model. No such weights are assumed here. By
+default (``space="features"``, as DDAD) GLAD denoises the frozen backbone's standardised feature
+maps (:mod:`.feature_space`), a latent space that needs no training, with a UNet that predicts
+the clean sample: inside a synthetic anomaly (pasted into the image before the features are
+taken) its target is the normal image's features. The probe and the map are ``1 - cos`` between
+features. ``space="pixel"`` trains the from-scratch pixel-space DDPM of DDAD's paper setting (the
+probe then uses ``probe_distance``; on mtd at 64 px a pixel-space probe hardly separated
+defective from good images, image AUROC about 0.5, against about 0.62 for the feature one, hence
+its default). ``pretrained_unet`` (a diffusers ``UNet2DModel`` folder) starts from pretrained
+weights, and ``pretrained_vae`` (an ``AutoencoderKL`` or ``VQModel`` folder, pixel space only)
+moves the diffusion into that autoencoder's latent space; the autoencoder stays frozen and is
+read from its folder again when the model is loaded. Outside feature space the anomaly map is
+DDAD's pixel + feature map of the input and its reconstruction, with the feature extractor
+domain-adapted on good images and their GLAD reconstructions as GLAD's code does for its DINO
+extractor (:mod:`.domain_adaptation`; ``da_epochs=0`` keeps it frozen); the probe keeps the
+frozen extractor.
 """
 
 from __future__ import annotations
@@ -48,7 +55,8 @@ from ..postprocess import gaussian_blur
 from ..thresholds import DEFAULT_FALSE_ALARM_RATE, DEFAULT_RULE, DEFAULT_TARGET_RECALL, ThresholdRule
 from ..training import CachedImages
 from .base import fitted
-from .diffusion_detector import DiffusionDetector, Distance
+from .diffusion_detector import DiffusionDetector, Distance, PredictionKind, Space
+from .feature_space import feature_space_map
 from .params import base_params
 
 AUTOENCODERS = ("AutoencoderKL", "VQModel")
@@ -63,7 +71,9 @@ class GLAD(DiffusionDetector):
     def __init__(
         self,
         image_size: int = 64,
-        unet: str = "small",
+        space: Space = "features",
+        prediction: PredictionKind = "sample",
+        unet: str = "features",
         step_range: tuple[int, int] = (100, 400),
         steps: int = 10,
         probe_step: int = 200,
@@ -75,22 +85,26 @@ class GLAD(DiffusionDetector):
         eta: float = 0.0,
         distance: Distance = "both",
         v: float = 1.0,
-        blur_sigma: float = 1.0,
+        blur_sigma: float = 4.0,
+        da_epochs: int = 3,
+        da_images: int | None = 128,
+        da_lambda: float = 0.1,
+        da_lr: float = 1e-4,
         pretrained_unet: str | None = None,
         pretrained_vae: str | None = None,
         backbone: str = "efficientnet_lite0",
-        layers: tuple[str, ...] = ("s4", "s8"),
+        layers: tuple[str, ...] = ("s8", "s16"),
         weights: str | None = None,
         num_train_timesteps: int = 1000,
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
         max_train_timestep: int | None = 500,
-        ema_decay: float = 0.999,
+        ema_decay: float = 0.995,
         epochs: int = 100,
         lr: float = 3e-4,
         weight_decay: float = 0.05,
         time_budget: float | None = 600.0,
-        batch_size: int = 16,
+        batch_size: int = 32,
         calibration_fraction: float = 0.1,
         threshold_rule: ThresholdRule = DEFAULT_RULE,
         false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
@@ -123,6 +137,8 @@ class GLAD(DiffusionDetector):
         self.fusion_quantiles = fusion_quantiles
         self.anomaly_probability = anomaly_probability
         self.texture_dir = texture_dir
+        if pretrained_vae is not None and space == "features":
+            raise DefectscopeError("pretrained_vae moves the diffusion into a latent space; use it with space='pixel'")
         self.pretrained_unet = pretrained_unet
         self.pretrained_vae = pretrained_vae
         self._vae: nn.Module | None = None
@@ -138,10 +154,10 @@ class GLAD(DiffusionDetector):
         return self._vae
 
     def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
-        x = images * 2 - 1
         vae: Any = self.vae  # a diffusers autoencoder; diffusers has no type information
         if vae is None:
-            return x
+            return super().to_model_space(images)
+        x = images * 2 - 1
         with torch.no_grad():
             encoded = vae.encode(x)
             z = encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latents
@@ -149,15 +165,21 @@ class GLAD(DiffusionDetector):
 
     def to_image_space(self, x: torch.Tensor) -> torch.Tensor:
         vae: Any = self.vae  # a diffusers autoencoder; diffusers has no type information
-        if vae is not None:
-            with torch.no_grad():
-                x = vae.decode(x / vae.config.scaling_factor).sample
+        if vae is None:
+            return super().to_image_space(x)
+        with torch.no_grad():
+            x = vae.decode(x / vae.config.scaling_factor).sample
         return ((x + 1) / 2).clamp(0, 1)
+
+    def _model_shape(self) -> tuple[int, int]:
+        vae: Any = self.vae  # diffusers models have no type information
+        if vae is None:
+            return super()._model_shape()
+        return vae.config.latent_channels, self.image_size // 2 ** (len(vae.config.block_out_channels) - 1)
 
     def _new_network(self) -> nn.Module:
         vae: Any = self.vae  # diffusers models have no type information
-        channels = vae.config.latent_channels if vae is not None else 3
-        size = self.image_size // 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else self.image_size
+        channels, size = self._model_shape()
         if self.pretrained_unet is None:
             return dm.build_unet(self.unet, size, channels)
         network = dm.load_pretrained(self.pretrained_unet, ("UNet2DModel",))
@@ -166,7 +188,7 @@ class GLAD(DiffusionDetector):
         if config.in_channels != channels or config.out_channels != channels:
             raise DefectscopeError(
                 f"{self.pretrained_unet}: the UNet takes {config.in_channels} channels, the "
-                f"{'latents' if vae is not None else 'images'} have {channels}"
+                f"{'latents' if vae is not None else self.space} have {channels}"
             )
         if sample != size:
             raise DefectscopeError(
@@ -187,10 +209,13 @@ class GLAD(DiffusionDetector):
         if mask.shape[-2:] != x_input.shape[-2:]:
             mask = F.interpolate(mask, size=x_input.shape[-2:], mode="area")
         t, eps, abar_t = self._sample_noise(x_input)
-        target = dm.anomaly_noise_target(eps, x_input, x_normal, abar_t)
         pred = model(dm.add_noise(x_input, eps, abar_t), t).sample
-        weight = 1 + mask * (((1 - abar_t) / abar_t).clamp(max=1) - 1)
-        error = (pred - target).pow(2)
+        if self.prediction == "sample":  # the clean target is the normal image, inside anomalies too
+            error = dm.prediction_loss(pred, x_normal, eps, abar_t, "sample")
+            weight = torch.ones_like(mask)
+        else:
+            error = (pred - dm.anomaly_noise_target(eps, x_input, x_normal, abar_t)).pow(2)
+            weight = 1 + mask * (((1 - abar_t) / abar_t).clamp(max=1) - 1)
         normal_part = (error * (1 - mask)).sum() / (1 - mask).sum().clamp(min=1) / error.shape[1]
         return {"loss": (weight * error).mean(), "normal": normal_part}
 
@@ -210,7 +235,9 @@ class GLAD(DiffusionDetector):
         noise = dm.fixed_noise((1, *y.shape[1:]), 1, self.seed, y.device)[0]
         x_t = dm.add_noise(y, noise, abar_t)
         x0_hat = dm.predicted_x0(x_t, self.noise_model()(x_t, t), abar_t)
-        if self.probe_distance == "pixel":
+        if self.space == "features":
+            d = feature_space_map(y, x0_hat, images.shape[-2:], 0.0)
+        elif self.probe_distance == "pixel":
             d = dm.pixel_distance(y, x0_hat)
         else:
             extractor = self.extractor
@@ -239,7 +266,7 @@ class GLAD(DiffusionDetector):
             self.noise_model(), y, t_start, self.steps, self.abar, eta=self.eta, seed=self.seed, fuse=fuse
         )
 
-    def _calibrate(self, images: torch.Tensor) -> None:
+    def _calibrate_denoising(self, images: torch.Tensor) -> None:
         maps, scores = [], []
         with torch.no_grad():
             for start in range(0, len(images), self.batch_size):
@@ -252,7 +279,6 @@ class GLAD(DiffusionDetector):
         pixels = pixels[:: -(-len(pixels) // 1_000_000)]  # torch.quantile takes at most 16M values
         low, high = torch.quantile(pixels, torch.tensor(self.fusion_quantiles, dtype=torch.float64))
         self._stats = torch.stack([score.mean(), score.mean() + self.step_sigmas * spread, low, high]).float()
-        super()._calibrate(images)
 
     # -- save / load --------------------------------------------------------------------------------
     def _modules(self) -> dict[str, nn.Module | None]:

@@ -35,11 +35,14 @@ INSTALL_HINT = "pip install defectscope[diffusion]"
 # UNet2DModel shapes. "ddad" is the paper's UNet (base 64 channels), "ddad_s" its small DDAD-S
 # variant (base 32), both with attention at the two lowest resolutions; "small" (base 16, one
 # residual block per level, attention at the lowest resolution; about 0.74 GFLOP per 64 px image,
-# 5x less than DDAD-S) is what a CPU trains in minutes; "tiny" is for tests and smoke runs.
+# 5x less than DDAD-S) is what a CPU trains in minutes in pixel space; "features" (base 64, three
+# levels) denoises backbone feature maps (an 8 x 8 grid of 152 channels at 64 px); "tiny" is
+# for tests and smoke runs.
 UNET_PRESETS: dict[str, dict[str, Any]] = {
     "ddad": {"base_channels": 64, "channel_mults": (1, 2, 3, 4), "layers_per_block": 2, "attention": 2},
     "ddad_s": {"base_channels": 32, "channel_mults": (1, 2, 3, 4), "layers_per_block": 2, "attention": 2},
     "small": {"base_channels": 16, "channel_mults": (1, 2, 4, 4), "layers_per_block": 1, "attention": 1},
+    "features": {"base_channels": 64, "channel_mults": (1, 2, 2), "layers_per_block": 1, "attention": 1},
     "tiny": {"base_channels": 16, "channel_mults": (1, 2), "layers_per_block": 1, "attention": 0},
 }
 
@@ -128,6 +131,33 @@ def unet_noise_model(unet: nn.Module) -> NoiseModel:
         return unet(x, t.clamp(min=0)).sample
 
     return predict
+
+
+def sample_noise_model(unet: nn.Module, abar: torch.Tensor) -> NoiseModel:
+    """Wrap a UNet that predicts the clean sample ``x0`` as the noise model
+    ``eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)``."""
+
+    def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        abar_t = gather_abar(abar, t)
+        return (x - abar_t.sqrt() * unet(x, t.clamp(min=0)).sample) / (1 - abar_t).sqrt()
+
+    return predict
+
+
+def prediction_loss(
+    pred: torch.Tensor,
+    target_x0: torch.Tensor,
+    target_eps: torch.Tensor,
+    abar_t: torch.Tensor,
+    kind: str,
+    max_weight: float = 5.0,
+) -> torch.Tensor:
+    """(B, C, H, W) squared error of a UNet output: of the noise (``kind="epsilon"``), or of the clean
+    sample (``"sample"``) weighted by the signal-to-noise ratio ``abar / (1 - abar)`` clipped at
+    ``max_weight``, the clean-sample loss that equals the noise loss where that ratio is 1."""
+    if kind == "epsilon":
+        return (pred - target_eps).pow(2)
+    return (pred - target_x0).pow(2) * (abar_t / (1 - abar_t)).clamp(max=max_weight)
 
 
 class EMA(nn.Module):
