@@ -378,3 +378,8 @@ def test_models_saved_before_the_feature_space_load_as_pixel_models(
         torch.testing.assert_close(old.predict(test_batch).scores, det.predict(test_batch).scores)
     else:
         assert old.da_epochs == 0
+
+
+def test_a_feature_grid_the_unet_cannot_halve_is_a_clear_error(example_root: Path) -> None:
+    with pytest.raises(DefectscopeError, match="image_size 48: with space='features'.*use a multiple of 32"):
+        DDAD(image_size=48, epochs=1, time_budget=None).fit(mvtec_samples(example_root, "train")[:4])

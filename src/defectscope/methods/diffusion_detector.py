@@ -179,6 +179,13 @@ class DiffusionDetector(TrainedDetector, BackboneDetector):
     def _new_network(self) -> nn.Module:
         """A UNet to train (a subclass may start from pretrained weights)."""
         channels, size = self._model_shape()
+        levels = len(dm.UNET_PRESETS[self.unet]["channel_mults"])
+        if self.space == "features" and size % 2 ** (levels - 1):
+            step = self.image_size // size * 2 ** (levels - 1)
+            raise DefectscopeError(
+                f"image_size {self.image_size}: with space='features' the {self.unet} UNet needs a feature grid "
+                f"divisible by {2 ** (levels - 1)} (got {size}); use a multiple of {step}, e.g. {max(step, 64)}"
+            )
         return dm.build_unet(self.unet, size, channels)
 
     def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
