@@ -92,6 +92,9 @@ class Detector(ABC, metaclass=_CheckedParams):
     nonnegative_scores: ClassVar[bool] = False
     #: Top-level config.json keys that this class's ``_extra_config`` adds, with their JSON types.
     extra_config_keys: ClassVar[dict[str, type]] = {}
+    #: Parameters added to this method after models were saved without them, with the value that
+    #: such models behaved by (filled in when one is read; :func:`.model_file.read_config`).
+    added_params: ClassVar[dict[str, Any]] = {}
     #: One-line help of a method's own parameters (shared ones are in :data:`.params.HELP`).
     param_help: ClassVar[dict[str, str]] = {}
     #: False for methods that pair each training item with its own image (they cannot fit on tiles).

@@ -60,6 +60,8 @@ class DiffusionDetector(TrainedDetector, BackboneDetector):
     """Base of the diffusion reconstruction methods; see the module docstring."""
 
     extra_config_keys: ClassVar[dict[str, type]] = {**BackboneDetector.extra_config_keys, "unet_config": dict}
+    #: Models saved before ``space`` and ``prediction`` existed were pixel-space noise predictors.
+    added_params: ClassVar[dict[str, Any]] = {"space": "pixel", "prediction": "epsilon"}
     param_help: ClassVar[dict[str, str]] = {
         "space": "what the UNet denoises: features (backbone feature maps; the CPU default) or pixel (the papers')",
         "prediction": "what the UNet predicts: sample (the clean input) or epsilon (the noise, the papers')",
@@ -198,12 +200,16 @@ class DiffusionDetector(TrainedDetector, BackboneDetector):
 
     def to_image_space(self, x: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`to_model_space`, clipped to [0, 1] (pixel space only)."""
+        self._require_images()
+        return ((x + 1) / 2).clamp(0, 1)
+
+    def _require_images(self) -> None:
+        """A clear error in feature space, where what the UNet reconstructs is not an image."""
         if self.space == "features":
             raise DefectscopeError(
                 f"{self.name} with space='features' reconstructs backbone features, not images; "
                 "use space='pixel' for image reconstructions"
             )
-        return ((x + 1) / 2).clamp(0, 1)
 
     @property
     def feature_extractor(self) -> nn.Module:
@@ -328,8 +334,7 @@ class DiffusionDetector(TrainedDetector, BackboneDetector):
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         """What the model makes of images (B, 3, H, W) in [0, 1]: their anomaly-free version, (B, 3, H, W) in [0, 1]."""
         fitted(self, self._network)
-        if self.space == "features":
-            self.to_image_space(images)  # the clear error: features are not images
+        self._require_images()
         if images.ndim == 3:
             images = images[None]
         return self._reconstruct(images.float().to(self.device)).float().cpu()

@@ -41,7 +41,7 @@ frozen extractor.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,13 @@ class GLAD(DiffusionDetector):
     """Diffusion reconstruction with per-image denoising steps, anomaly-aware training and spatial fusion."""
 
     name = "glad"
+    #: Models saved before GLAD had its ``da_*`` parameters were pixel-space and not domain-adapted.
+    added_params: ClassVar[dict[str, Any]] = DiffusionDetector.added_params | {
+        "da_epochs": 0,
+        "da_images": 128,
+        "da_lambda": 0.1,
+        "da_lr": 1e-4,
+    }
     export_unsupported = None
 
     def __init__(

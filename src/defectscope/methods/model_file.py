@@ -75,19 +75,6 @@ ADDED_PARAMS: dict[str, Any] = {
     "false_alarm_confidence": None,
     "target_recall": 0.95,
 }
-#: The same for parameters of one method: DDAD and GLAD were pixel-space noise predictors, GLAD
-#: without domain adaptation, before their ``space`` and ``prediction`` parameters existed.
-ADDED_METHOD_PARAMS: dict[str, dict[str, Any]] = {
-    "ddad": {"space": "pixel", "prediction": "epsilon"},
-    "glad": {
-        "space": "pixel",
-        "prediction": "epsilon",
-        "da_epochs": 0,
-        "da_images": 128,
-        "da_lambda": 0.1,
-        "da_lr": 1e-4,
-    },
-}
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,59}")
@@ -228,9 +215,11 @@ def read_config(folder: str | os.PathLike) -> dict[str, Any]:
         raise ModelFileError(f"{path}: missing; is {folder} a folder written by `defectscope fit`?")
     config = read_json(path)
     if isinstance(config, dict) and isinstance(config.get("params"), dict):
+        from . import METHODS
+
         method = config.get("method")
-        added = ADDED_PARAMS | (ADDED_METHOD_PARAMS.get(method, {}) if isinstance(method, str) else {})
-        for key, value in added.items():
+        cls = METHODS.get(method) if isinstance(method, str) else None
+        for key, value in (ADDED_PARAMS | (cls.added_params if cls is not None else {})).items():
             config["params"].setdefault(key, value)
     validate_config(config, str(path))
     return config
